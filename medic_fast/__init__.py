@@ -1,0 +1,10 @@
+"""medic_fast: fast backdoor removal (MEDIC) and detection (CLEAR) for PyTorch.
+
+The core op is :func:`importance_clone_loss`, computed by fused kernels (Triton on CUDA tensors,
+C++ on CPU tensors); see DESIGN.md in the project for the formulas.
+"""
+from medic_fast.loss import ImportanceCloneLoss, importance_clone_loss, importance_weights
+
+__version__ = "0.1.0"
+
+__all__ = ["importance_clone_loss", "importance_weights", "ImportanceCloneLoss"]

@@ -1,0 +1,343 @@
+"""The importance clone loss of MEDIC: public function, ``nn.Module``, and the fused custom op.
+
+``importance_clone_loss`` validates its arguments, then runs one of the backends:
+
+* ``"reference"``: :mod:`medic_fast.reference`, plain PyTorch autograd;
+* ``"cpp"`` (CPU tensors): the C++ kernel of the extension (``csrc/importance_clone.cpp``);
+* ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``): ``kernels/``.
+
+The fused backends are one ``torch.library`` custom op, ``medic_fast::importance_clone_loss``,
+that takes every layer at once and returns the loss and, when ``acts_c`` needs a gradient, that
+gradient too (computed in the same pass over the data, the fused cross-entropy trick). Backward
+then only scales the kept gradient by the incoming one, in place.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from medic_fast import reference
+
+__all__ = ["importance_clone_loss", "importance_weights", "ImportanceCloneLoss"]
+
+CRITERIA = ("abs", "signed")
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "cpp", "reference")
+# Per-channel statistics whose runs of equal statistics are shorter than this are expanded to
+# one statistic per neuron, so that the kernels always read statistics as long vectors or scalars.
+_MIN_CHANNEL_RUN = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+def _as_layers(name: str, x, n: Optional[int]) -> list:
+    """``x`` as a list of per-layer values (a single tensor is one layer)."""
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
+        return list(x)
+    raise TypeError(f"{name} must be a Tensor or a sequence of Tensors, got {type(x).__name__}")
+
+
+def _check_options(tau, criterion, eps, reduction, backend):
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau) or tau < 0:
+        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_tensor(name: str, x, like: Optional[Tensor] = None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, float16 or "
+                        f"float64), got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if like is not None and x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but acts_t is on {like.device}; "
+                         "all tensors must be on one device")
+
+
+def _check_stat(name: str, stat, t: Tensor, start_dim: int) -> None:
+    if stat is None:
+        return
+    _check_tensor(name, stat, t)
+    feat = t.shape[start_dim:]
+    if stat.dim() == 1 and stat.shape[0] == feat[0]:
+        return
+    try:
+        if torch.broadcast_shapes(stat.shape, feat) == feat:
+            return
+    except RuntimeError:
+        pass
+    raise ValueError(f"{name} has shape {tuple(stat.shape)}, which does not broadcast to the "
+                     f"feature shape {tuple(feat)} (acts_t.shape[start_dim:]); pass a 1-D tensor "
+                     f"of length {feat[0]} for per-channel statistics")
+
+
+def _normalize_start_dim(start_dim, ndim: int, where: str) -> int:
+    if not isinstance(start_dim, int) or isinstance(start_dim, bool):
+        raise TypeError(f"start_dim must be an int, got {type(start_dim).__name__}")
+    sd = start_dim + ndim if start_dim < 0 else start_dim
+    if not 0 <= sd < ndim:
+        raise ValueError(f"start_dim={start_dim} is out of range for {where} with {ndim} dims; "
+                         f"it must leave at least one feature dim")
+    return sd
+
+
+def _validate(acts_t, acts_c, grads, mean, std, start_dim, reduction):
+    """Return ``(layers, start_dims)``: per layer ``(t, c, g, mean, std)``, checked."""
+    ts = _as_layers("acts_t", acts_t, None)
+    cs = _as_layers("acts_c", acts_c, None)
+    gs = _as_layers("grads", grads, None)
+    if not ts:
+        raise ValueError("acts_t is an empty sequence; pass at least one layer")
+    if not (len(ts) == len(cs) == len(gs)):
+        raise ValueError(f"acts_t, acts_c and grads must have the same number of layers, got "
+                         f"{len(ts)}, {len(cs)} and {len(gs)}")
+    n = len(ts)
+    means = [None] * n if mean is None else _as_layers("mean", mean, n)
+    stds = [None] * n if std is None else _as_layers("std", std, n)
+    for name, lst in (("mean", means), ("std", stds)):
+        if len(lst) != n:
+            raise ValueError(f"{name} has {len(lst)} layers but acts_t has {n}")
+    layers, dims = [], []
+    for i, (t, c, g, mu, sd) in enumerate(zip(ts, cs, gs, means, stds)):
+        sfx = f" (layer {i})" if n > 1 else ""
+        _check_tensor("acts_t" + sfx, t)
+        _check_tensor("acts_c" + sfx, c, t)
+        _check_tensor("grads" + sfx, g, t)
+        for name, x in (("acts_c", c), ("grads", g)):
+            if x.shape != t.shape:
+                raise ValueError(f"{name}{sfx} has shape {tuple(x.shape)} but acts_t has shape "
+                                 f"{tuple(t.shape)}")
+        d = _normalize_start_dim(start_dim, t.dim(), "acts_t" + sfx)
+        _check_stat("mean" + sfx, mu, t, d)
+        _check_stat("std" + sfx, sd, t, d)
+        layers.append((t, c, g, mu, sd))
+        dims.append(d)
+    if reduction == "none" and n > 1:
+        rows = {t.shape[:d].numel() for (t, *_), d in zip(layers, dims)}
+        if len(rows) > 1:
+            raise ValueError(f"reduction='none' sums per-row losses over layers, so every layer "
+                             f"needs the same number of rows; got {sorted(rows)}")
+    return layers, dims
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return {"cuda": "triton", "cpu": "cpp"}.get(device.type, "reference")
+    if backend == "cpp" and device.type != "cpu":
+        raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}; "
+                         "use backend='triton' or 'auto' for CUDA tensors")
+    if backend == "triton" and device.type != "cuda":
+        if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}; "
+                             "on CPU tensors it runs only under TRITON_INTERPRET=1 (set it before "
+                             "the first Triton call)")
+    return backend
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing one layer for the fused op
+# --------------------------------------------------------------------------------------------
+
+def _rows_view(x: Tensor, rows: int, m: int) -> Tensor:
+    """``x`` as ``[rows, m]`` with unit stride along ``m`` (a view when the layout allows)."""
+    x2 = x.reshape(rows, m)
+    if m > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def _stats_arrays(t: Tensor, mean, std, start_dim: int, tau: float, eps: float, acc):
+    """``(mu, inv_s, tau_s, inner)``: statistic ``k = (i // inner) % len(mu)`` for neuron ``i``."""
+    if mean is None or std is None:
+        bm, bs = reference.batch_stats(t, start_dim)
+        mean = bm if mean is None else mean
+        std = bs if std is None else std
+    feat = t.shape[start_dim:]
+    inner = feat[1:].numel()
+    per_channel = all(s.dim() == 1 and s.shape[0] == feat[0] for s in (mean, std))
+    if not per_channel or (inner > 1 and inner < _MIN_CHANNEL_RUN):
+        mean = reference.expand_stats(mean, t.shape, start_dim).reshape(-1)
+        std = reference.expand_stats(std, t.shape, start_dim).reshape(-1)
+        inner = 1
+    mu = mean.detach().to(acc).contiguous()
+    s = std.detach().to(acc) + eps
+    return mu, (1.0 / s).contiguous(), (tau * s).contiguous(), inner
+
+
+# --------------------------------------------------------------------------------------------
+# The fused custom op
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("medic_fast::importance_clone_loss", mutates_args=())
+def _fused_loss(t: List[Tensor], c: List[Tensor], g: List[Tensor], mu: List[Tensor],
+                inv_s: List[Tensor], tau_s: List[Tensor], inner: List[int], tau: float,
+                signed: bool, row_scale: List[float], reduce_rows: bool, need_grad: bool,
+                backend: str) -> Tuple[Tensor, List[Tensor]]:
+    """Loss over all layers, and ``d loss / d c`` per layer when ``need_grad``.
+
+    Per layer, ``t, c, g`` are ``[rows, m]`` with unit stride along ``m``. The loss is
+    ``sum_l row_scale[l] * sum_b loss_lb`` (a scalar) when ``reduce_rows``, else the vector
+    ``sum_l loss_lb`` over rows; the gradient is that of the scalar ``sum_l row_scale[l] *
+    sum_b loss_lb``, in ``c``'s dtype.
+    """
+    args = (t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_rows, need_grad)
+    if backend == "cpp":
+        from medic_fast import _extension
+
+        _extension.load()
+        loss, dc = torch.ops.medic_fast_C.importance_clone_loss_fwd(*args)
+        return loss, list(dc)
+    from medic_fast.kernels import importance_clone
+
+    return importance_clone.forward(*args)
+
+
+@_fused_loss.register_fake
+def _(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_rows, need_grad, backend):
+    acc = torch.float64 if t[0].dtype == torch.float64 else torch.float32
+    loss = t[0].new_empty(() if reduce_rows else (t[0].shape[0],), dtype=acc)
+    return loss, [x.new_empty(x.shape) for x in c] if need_grad else []
+
+
+def _setup_context(ctx, inputs, output):
+    _, dc = output
+    ctx.save_for_backward(*dc)
+    ctx.reduce_rows = inputs[10]
+    ctx.consumed = False
+
+
+def _backward(ctx, grad_loss, _grad_dc):
+    """Scale the gradient kept by the forward by ``grad_loss`` (in place outside compile)."""
+    if ctx.consumed:
+        raise RuntimeError(
+            "importance_clone_loss: backward ran twice through the same fused loss; its gradient "
+            "is computed in the forward and handed over by the first backward. Compute the loss "
+            "again (or use backend='reference') to backpropagate through it a second time.")
+    dc = list(ctx.saved_tensors)
+    scale = grad_loss if ctx.reduce_rows else grad_loss[:, None]
+    if torch.compiler.is_compiling():
+        dc = [d * scale.to(d.dtype) for d in dc]
+    else:
+        ctx.consumed = True
+        unit = grad_loss.device.type == "cpu" and bool((grad_loss == 1).all())
+        if not unit:
+            for d in dc:
+                d.mul_(scale)
+    return None, dc, None, None, None, None, None, None, None, None, None, None, None
+
+
+_fused_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+def importance_clone_loss(acts_t, acts_c, grads, mean=None, std=None, *, tau: float = 1.0,
+                          criterion: str = "abs", eps: float = 1e-5, reduction: str = "mean",
+                          start_dim: int = 1, backend: str = "auto") -> Tensor:
+    """MEDIC's importance-weighted cloning loss (DESIGN.md §1, paper eq. 1–4).
+
+    Args:
+        acts_t: teacher (trojaned model) activations of one layer, or a sequence, one per layer.
+        acts_c: clone activations, same shapes; the only input that receives a gradient.
+        grads: ``d CE(teacher(x), y) / d acts_t``, same shapes.
+        mean, std: statistics of ``acts_t`` over the clean set: a 1-D tensor of length
+            ``acts_t.shape[start_dim]`` (per channel) or anything broadcasting to
+            ``acts_t.shape[start_dim:]`` (e.g. per neuron); sequences for several layers.
+            ``None``: per-channel statistics of ``acts_t`` over this batch.
+        tau: softmax temperature ``>= 0`` (0: uniform weights ``1/m``).
+        criterion: ``"abs"`` (paper eq. 2) or ``"signed"`` (the authors' released code).
+        eps: added to ``std``; ``> 0``.
+        reduction: ``"mean"`` | ``"sum"`` over rows, or ``"none"`` (per-row losses).
+        start_dim: dims before it are rows (1: a row per sample; 2 on ``[B, T, H]``: per token).
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpp"``, ``"reference"``.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs): a scalar, or ``[rows]`` for
+        ``reduction="none"``; with several layers, the sum of the layer losses.
+    """
+    _check_options(tau, criterion, eps, reduction, backend)
+    layers, dims = _validate(acts_t, acts_c, grads, mean, std, start_dim, reduction)
+    backend = _resolve_backend(backend, layers[0][0].device)
+    if backend == "reference":
+        return reference.importance_clone_loss(layers, dims, tau=tau, criterion=criterion,
+                                               eps=eps, reduction=reduction)
+
+    ts, cs, gs, mus, invs, taus, inners, scales = [], [], [], [], [], [], [], []
+    for (t, c, g, mean_, std_), d in zip(layers, dims):
+        dtype = torch.promote_types(torch.promote_types(t.dtype, c.dtype), g.dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        rows, m = t.shape[:d].numel(), t.shape[d:].numel()
+        mu, inv_s, tau_s, inner = _stats_arrays(t, mean_, std_, d, float(tau), float(eps), acc)
+        ts.append(_rows_view(t.detach().to(dtype), rows, m))
+        cs.append(_rows_view(c.to(dtype), rows, m))
+        gs.append(_rows_view(g.detach().to(dtype), rows, m))
+        mus.append(mu)
+        invs.append(inv_s)
+        taus.append(tau_s)
+        inners.append(inner)
+        scales.append(1.0 / rows if reduction == "mean" else 1.0)
+    need_grad = torch.is_grad_enabled() and any(c.requires_grad for c in cs)
+    loss, _ = _fused_loss(ts, cs, gs, mus, invs, taus, inners, float(tau), criterion == "signed",
+                          scales, reduction != "none", need_grad, backend)
+    return loss
+
+
+def importance_weights(acts_t, grads, mean=None, std=None, *, tau: float = 1.0,
+                       criterion: str = "abs", eps: float = 1e-5, start_dim: int = 1):
+    """The importance weights ``w`` (paper eq. 4), in the shape of ``acts_t``.
+
+    For inspection and plots; a sequence of layers gives a list. Computed in plain PyTorch
+    (float32, float64 for float64 inputs); the loss never materialises ``w``.
+    """
+    _check_options(tau, criterion, eps, "mean", "reference")
+    single = isinstance(acts_t, Tensor)
+    layers, dims = _validate(acts_t, acts_t, grads, mean, std, start_dim, "mean")
+    ws = [reference.importance_weights(t, g, mu, sd, tau=tau, criterion=criterion, eps=eps,
+                                       start_dim=d)
+          for (t, _, g, mu, sd), d in zip(layers, dims)]
+    return ws[0] if single else ws
+
+
+class ImportanceCloneLoss(nn.Module):
+    """``nn.Module`` form of :func:`importance_clone_loss`; options are fixed at construction.
+
+    ``forward(acts_t, acts_c, grads, mean=None, std=None)``.
+    """
+
+    def __init__(self, tau: float = 1.0, criterion: str = "abs", eps: float = 1e-5,
+                 reduction: str = "mean", start_dim: int = 1, backend: str = "auto"):
+        super().__init__()
+        _check_options(tau, criterion, eps, reduction, backend)
+        self.tau, self.criterion, self.eps = tau, criterion, eps
+        self.reduction, self.start_dim, self.backend = reduction, start_dim, backend
+
+    def forward(self, acts_t, acts_c, grads, mean=None, std=None) -> Tensor:
+        return importance_clone_loss(acts_t, acts_c, grads, mean, std, tau=self.tau,
+                                     criterion=self.criterion, eps=self.eps,
+                                     reduction=self.reduction, start_dim=self.start_dim,
+                                     backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"tau={self.tau}, criterion={self.criterion!r}, eps={self.eps}, "
+                f"reduction={self.reduction!r}, start_dim={self.start_dim}, "
+                f"backend={self.backend!r}")
