@@ -219,29 +219,44 @@ def _(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_rows, nee
 
 def _setup_context(ctx, inputs, output):
     _, dc = output
-    ctx.save_for_backward(*dc)
-    ctx.reduce_rows = inputs[10]
-    ctx.consumed = False
+    t, c, g, mu, inv_s, tau_s = inputs[:6]
+    ctx.save_for_backward(*t, *c, *g, *mu, *inv_s, *tau_s, *dc)
+    ctx.args = inputs[6:]
+    ctx.n_layers = len(t)
+    # The kept gradients are outputs only for backward's sake: no gradient flows into them, and
+    # none should be materialised as zeros (a full-size fill per layer).
+    ctx.mark_non_differentiable(*dc)
+    ctx.set_materialize_grads(False)
+    ctx.handed_over = False
 
 
 def _backward(ctx, grad_loss, _grad_dc):
-    """Scale the gradient kept by the forward by ``grad_loss`` (in place outside compile)."""
-    if ctx.consumed:
-        raise RuntimeError(
-            "importance_clone_loss: backward ran twice through the same fused loss; its gradient "
-            "is computed in the forward and handed over by the first backward. Compute the loss "
-            "again (or use backend='reference') to backpropagate through it a second time.")
-    dc = list(ctx.saved_tensors)
-    scale = grad_loss if ctx.reduce_rows else grad_loss[:, None]
+    """Scale the gradient kept by the forward by ``grad_loss``.
+
+    The first backward hands the kept buffers over, scaled in place (no copy: the op allocates
+    nothing of the inputs' size beyond its output). A second backward through the same graph
+    (``retain_graph=True``, gradcheck) recomputes the gradient from the saved inputs.
+    """
+    n = ctx.n_layers
+    saved = ctx.saved_tensors
+    inputs = [list(saved[i * n:(i + 1) * n]) for i in range(6)]
+    dc = list(saved[6 * n:])
+    inner, tau, signed, row_scale, reduce_rows, need_grad, backend = ctx.args
+    none = [None] * n
+    if grad_loss is None:
+        return none, none, none, none, none, none, None, None, None, None, None, None, None
+    scale = grad_loss if reduce_rows else grad_loss[:, None]
     if torch.compiler.is_compiling():
         dc = [d * scale.to(d.dtype) for d in dc]
     else:
-        ctx.consumed = True
-        unit = grad_loss.device.type == "cpu" and bool((grad_loss == 1).all())
-        if not unit:
+        if ctx.handed_over:
+            _, dc = _fused_loss(*inputs, inner, tau, signed, row_scale, reduce_rows, True, backend)
+        ctx.handed_over = True
+        if not (grad_loss.device.type == "cpu" and bool((grad_loss == 1).all())):
             for d in dc:
-                d.mul_(scale)
-    return None, dc, None, None, None, None, None, None, None, None, None, None, None
+                # .data: scaling the handed-over buffer must not bump the saved tensor's version.
+                d.data.mul_(scale)
+    return none, dc, none, none, none, none, None, None, None, None, None, None, None
 
 
 _fused_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,395 @@
+"""The importance clone loss: every backend against a float64 reference, forward and gradient.
+
+The Triton kernels run here under TRITON_INTERPRET=1 (set in conftest.py) on small sizes.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import medic_fast
+from medic_fast import reference
+
+FAST = ["cpp", "triton"]
+ALL = ["reference", "cpp", "triton"]
+
+
+def make(shape, *, stats="channel", start_dim=1, dtype=torch.float32, seed=0, layers=1):
+    """Fresh random inputs (never zeros): per layer (t, c, g, mean, std)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(layers):
+        # Later layers have other feature sizes but the same rows (as reduction="none" needs).
+        shp = tuple(shape[:start_dim]) + tuple(s + i for s in shape[start_dim:])
+        t = torch.randn(shp, generator=gen) * 1.5 + 0.3
+        c = t + 0.5 * torch.randn(shp, generator=gen)
+        g = torch.randn(shp, generator=gen) * 0.2
+        feat = shp[start_dim:]
+        if stats == "channel":
+            mean = torch.randn(feat[0], generator=gen) * 0.3
+            std = torch.rand(feat[0], generator=gen) + 0.5
+        elif stats == "neuron":
+            mean = torch.randn(feat, generator=gen) * 0.3
+            std = torch.rand(feat, generator=gen) + 0.5
+        else:
+            mean = std = None
+        out.append(tuple(x.to(dtype) for x in (t, c, g)) + (mean, std))
+    return out
+
+
+def run(layers, backend, *, single=True, grad_scale=1.7, **kw):
+    """Loss and d(grad_scale * sum(loss))/d acts_c for each layer, via the public API."""
+    cs = [c.detach().clone().requires_grad_() for _, c, _, _, _ in layers]
+    args = [[layer[0] for layer in layers], cs, [layer[2] for layer in layers],
+            None if layers[0][3] is None else [layer[3] for layer in layers],
+            None if layers[0][4] is None else [layer[4] for layer in layers]]
+    if single:
+        args = [a if a is None else a[0] for a in args]
+    loss = medic_fast.importance_clone_loss(*args, backend=backend, **kw)
+    (grad_scale * loss.sum()).backward()
+    return loss.detach(), [c.grad for c in cs]
+
+
+def run64(layers, **kw):
+    up = [tuple(None if x is None else x.double() for x in layer) for layer in layers]
+    return run(up, "reference", **kw)
+
+
+TOL = {torch.float32: dict(rtol=2e-5, atol=1e-7), torch.bfloat16: dict(rtol=2e-2, atol=1e-4),
+       torch.float16: dict(rtol=3e-3, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-13)}
+
+
+def assert_matches(layers, backend, dtype=torch.float32, **kw):
+    loss, grads = run(layers, backend, **kw)
+    loss64, grads64 = run64(layers, **kw)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == acc
+    tol = TOL[dtype]
+    # The loss is accumulated in fp32 whatever the input dtype: fp32 tolerance for it.
+    ltol = TOL[acc]
+    torch.testing.assert_close(loss.double(), loss64, rtol=ltol["rtol"], atol=ltol["atol"])
+    for gr, gr64 in zip(grads, grads64):
+        assert gr.dtype == dtype
+        scale = gr64.abs().max()
+        torch.testing.assert_close(gr.double() / scale, gr64 / scale, rtol=tol["rtol"],
+                                   atol=tol["rtol"])
+
+
+# --- all backends, one layer ---------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("criterion", ["abs", "signed"])
+@pytest.mark.parametrize("stats", ["channel", "neuron", None])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_single_layer(backend, criterion, stats, reduction):
+    layers = make((3, 5, 4, 7), stats=stats)
+    assert_matches(layers, backend, tau=5.0, criterion=criterion, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("tau", [0.0, 1.0, 5.0, 100.0])
+def test_tau(backend, tau):
+    layers = make((4, 6, 5, 5), seed=int(tau))
+    assert_matches(layers, backend, tau=tau)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("stats", ["channel", "neuron"])
+def test_start_dim_2_tokens(backend, stats):
+    layers = make((2, 5, 33), start_dim=2, stats=stats)
+    assert_matches(layers, backend, tau=5.0, start_dim=2, reduction="none")
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("shape", [(5, 1), (1, 1), (3, 1, 1, 1), (7, 3), (2, 3, 1, 17), (1, 2049)])
+def test_odd_sizes(backend, shape):
+    layers = make(shape)
+    assert_matches(layers, backend, tau=5.0)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(backend, dtype):
+    layers = make((4, 8, 6, 6), dtype=dtype)
+    assert_matches(layers, backend, dtype=dtype, tau=5.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_float64(backend):
+    layers = make((3, 4, 5, 6), dtype=torch.float64)
+    assert_matches(layers, backend, dtype=torch.float64, tau=5.0)
+
+
+# --- rows split across programs / threads -------------------------------------------------
+
+def test_cpp_long_rows_split_across_threads():
+    """Few rows much longer than a chunk: the split-row path (chunks in parallel, then merge)."""
+    layers = make((2, 3, 101, 50))  # m = 15150, 15 chunks per row
+    assert_matches(layers, "cpp", tau=5.0)
+    assert_matches(layers, "cpp", tau=100.0, reduction="none")
+
+
+def test_cpp_many_rows():
+    """Enough rows for the whole-rows-per-task path, with rows longer than one chunk."""
+    layers = make((33, 4, 20, 20))
+    assert_matches(layers, "cpp", tau=5.0)
+
+
+def test_triton_long_rows():
+    layers = make((2, 4100))
+    assert_matches(layers, "triton", tau=5.0)
+
+
+def test_cpp_large_tau_far_apart_chunks():
+    """Chunk maxima far apart (tau=100, one extreme neuron): merge rescaling stays finite."""
+    layers = make((2, 5000), stats="neuron")
+    t, c, g, mean, std = layers[0]
+    t = t.clone()
+    t[0, 4321] = 40.0
+    g = g.clone()
+    g[1, 17] = 3.0
+    assert_matches([(t, c, g, mean, std)], "cpp", tau=100.0, reduction="none")
+
+
+# --- several layers -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_layer_lists(backend, reduction):
+    layers = make((3, 4, 5, 5), layers=3)
+    assert_matches(layers, backend, single=False, tau=5.0, reduction=reduction)
+
+
+def test_layer_lists_mixed_dtypes_and_start_dims():
+    layers = make((4, 6, 3, 3), layers=2)
+    (t0, c0, g0, m0, s0), (t1, c1, g1, m1, s1) = layers
+    mixed = [(t0, c0, g0, m0, s0), (t1.bfloat16(), c1.bfloat16(), g1.bfloat16(), m1, s1)]
+    loss, grads = run(mixed, "cpp", single=False, tau=5.0)
+    loss_ref, grads_ref = run(mixed, "reference", single=False, tau=5.0)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads[1].dtype == torch.bfloat16
+    torch.testing.assert_close(grads[1], grads_ref[1], rtol=2e-2, atol=1e-3)
+
+
+def test_list_equals_sum_of_layers():
+    layers = make((3, 4, 5, 5), layers=3)
+    total, _ = run(layers, "cpp", single=False, tau=5.0)
+    parts = [run([layer], "cpp", tau=5.0)[0] for layer in layers]
+    torch.testing.assert_close(total, sum(parts), rtol=1e-6, atol=0)
+
+
+# --- layouts ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", FAST)
+def test_non_contiguous_inputs(backend):
+    (t, c, g, mean, std), = make((4, 6, 5, 5))
+    big = [torch.randn(8, 6, 5, 10) for _ in range(3)]
+    for b, x in zip(big, (t, c, g)):
+        b[::2, :, :, ::2] = x
+    tv, cv, gv = (b[::2, :, :, ::2] for b in big)
+    assert not tv.is_contiguous()
+    cl = [x.contiguous(memory_format=torch.channels_last) for x in (t, c, g)]
+    for layer in ([(tv, cv, gv, mean, std)], [tuple(cl) + (mean, std)]):
+        assert_matches(layer, backend, tau=5.0)
+
+
+def test_row_stride_zero_teacher():
+    """An expanded (stride-0) teacher is read in place."""
+    (t, c, g, mean, std), = make((5, 3, 4, 4))
+    t0 = t[:1].expand_as(t)
+    assert_matches([(t0, c, g, mean, std)], "cpp", tau=5.0)
+
+
+def test_inputs_not_modified():
+    layers = make((4, 6, 5, 5))
+    before = [x.clone() for x in layers[0] if x is not None]
+    for backend in ("reference", "cpp"):
+        run(layers, backend, tau=5.0)
+        for x, y in zip(before, (x for x in layers[0] if x is not None)):
+            assert torch.equal(x, y)
+
+
+# --- autograd and compile -----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(backend, reduction):
+    (t, c, g, mean, std), = make((2, 3, 2, 3), dtype=torch.float64, stats="neuron")
+    mean, std = mean.double(), std.double()
+    c = c.clone().requires_grad_()
+
+    def f(c_):
+        return medic_fast.importance_clone_loss(t, c_, g, mean, std, tau=5.0, backend=backend,
+                                                reduction=reduction)
+
+    assert torch.autograd.gradcheck(f, (c,), eps=1e-6, atol=1e-7)
+
+
+def test_gradient_only_to_acts_c():
+    (t, c, g, mean, std), = make((3, 4, 3, 3))
+    t = t.clone().requires_grad_()
+    g = g.clone().requires_grad_()
+    c = c.clone().requires_grad_()
+    mean = mean.clone().requires_grad_()
+    for backend in ("reference", "cpp"):
+        loss = medic_fast.importance_clone_loss(t, c, g, mean, std, backend=backend)
+        gt, gc, gg, gm = torch.autograd.grad(loss, (t, c, g, mean), allow_unused=True)
+        assert gt is None and gg is None and gm is None and gc is not None
+
+
+def test_no_grad_returns_loss_only():
+    layers = make((3, 4, 3, 3))
+    with torch.no_grad():
+        loss, _ = (medic_fast.importance_clone_loss(*layers[0], backend="cpp"), None)
+    assert not loss.requires_grad
+    ref = run64(layers)[0]
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=1e-8)
+
+
+def test_second_backward_recomputes():
+    """retain_graph=True: the second backward gives the same gradient as the first."""
+    (t, c, g, mean, std), = make((3, 4, 3, 3))
+    c = c.clone().requires_grad_()
+    loss = medic_fast.importance_clone_loss(t, c, g, mean, std, backend="cpp")
+    (g1,) = torch.autograd.grad(2 * loss, c, retain_graph=True)
+    (g2,) = torch.autograd.grad(2 * loss, c, retain_graph=True)
+    (g3,) = torch.autograd.grad(loss, c)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    torch.testing.assert_close(g3, g1 / 2, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_torch_compile_fullgraph(backend):
+    layers = make((4, 6, 5, 5), layers=2)
+    ts, cs, gs, ms, ss = (list(x) for x in zip(*layers))
+
+    def step(cs_):
+        loss = medic_fast.importance_clone_loss(ts, cs_, gs, ms, ss, tau=5.0, backend=backend)
+        return 3.0 * loss + 1.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    c_eager = [c.clone().requires_grad_() for c in cs]
+    c_comp = [c.clone().requires_grad_() for c in cs]
+    le, lc = step(c_eager), compiled(c_comp)
+    le.backward()
+    lc.backward()
+    torch.testing.assert_close(lc, le, rtol=1e-6, atol=1e-7)
+    for a, b in zip(c_comp, c_eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_module_form():
+    layers = make((3, 4, 3, 3))
+    mod = medic_fast.ImportanceCloneLoss(tau=5.0, criterion="signed", reduction="sum",
+                                         backend="cpp")
+    assert "tau=5.0" in repr(mod)
+    loss = mod(*layers[0])
+    ref = run64(layers, tau=5.0, criterion="signed", reduction="sum")[0]
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=1e-8)
+
+
+def test_importance_weights():
+    (t, c, g, mean, std), = make((3, 4, 5, 5))
+    w = medic_fast.importance_weights(t, g, mean, std, tau=5.0)
+    assert w.shape == t.shape and (w > 0).all()
+    # w_i = sqrt(p_i q_i) with p, q distributions: sum_i w_i <= 1 (Cauchy-Schwarz), and the loss
+    # is sum_i w_i r_i^2.
+    assert (w.flatten(1).sum(1) <= 1 + 1e-6).all()
+    s = std.view(-1, 1, 1) + 1e-5
+    rows = (w * ((t - c) / s) ** 2).flatten(1).sum(1)
+    loss = medic_fast.importance_clone_loss(t, c, g, mean, std, tau=5.0, reduction="none")
+    torch.testing.assert_close(loss, rows, rtol=1e-5, atol=1e-7)
+    uniform = medic_fast.importance_weights(t, g, mean, std, tau=0.0)
+    torch.testing.assert_close(uniform, torch.full_like(t, 1 / 100))
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+def _args():
+    (t, c, g, mean, std), = make((3, 4, 3, 3))
+    return t, c, g, mean, std
+
+
+@pytest.mark.parametrize("mutate, exc, match", [
+    (lambda a, k: (a.__setitem__(1, a[1][:, :2]),), ValueError, "acts_c has shape"),
+    (lambda a, k: (a.__setitem__(2, a[2].unsqueeze(0)),), ValueError, "grads has shape"),
+    (lambda a, k: (a.__setitem__(3, torch.zeros(5)),), ValueError, "mean has shape"),
+    (lambda a, k: (a.__setitem__(4, torch.zeros(2, 3)),), ValueError, "std has shape"),
+    (lambda a, k: k.update(tau=-1.0), ValueError, "tau"),
+    (lambda a, k: k.update(tau=float("nan")), ValueError, "tau"),
+    (lambda a, k: k.update(eps=0.0), ValueError, "eps"),
+    (lambda a, k: k.update(criterion="l2"), ValueError, "criterion"),
+    (lambda a, k: k.update(reduction="avg"), ValueError, "reduction"),
+    (lambda a, k: k.update(backend="cuda"), ValueError, "backend"),
+    (lambda a, k: k.update(start_dim=4), ValueError, "start_dim"),
+    (lambda a, k: (a.__setitem__(0, a[0].long()),), TypeError, "acts_t must have a floating"),
+    (lambda a, k: (a.__setitem__(2, a[2].int()),), TypeError, "grads must have a floating"),
+    (lambda a, k: (a.__setitem__(1, "x"),), TypeError, "acts_c must be a Tensor"),
+    (lambda a, k: (a.__setitem__(0, torch.empty(0, 4)), a.__setitem__(1, torch.empty(0, 4)),
+                   a.__setitem__(2, torch.empty(0, 4)), a.__setitem__(3, None),
+                   a.__setitem__(4, None)), ValueError, "empty"),
+    (lambda a, k: (a.__setitem__(1, a[1].to("meta")),), ValueError, "on meta"),
+])
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_bad_input(mutate, exc, match, backend):
+    args, kw = list(_args()), {"backend": backend}
+    mutate(args, kw)
+    with pytest.raises(exc, match=match):
+        medic_fast.importance_clone_loss(*args, **kw)
+
+
+def test_bad_layer_lists():
+    t, c, g, mean, std = _args()
+    with pytest.raises(ValueError, match="same number of layers"):
+        medic_fast.importance_clone_loss([t, t], [c], [g, g])
+    with pytest.raises(ValueError, match="mean has 1 layers"):
+        medic_fast.importance_clone_loss([t, t], [c, c], [g, g], [mean], [std, std])
+    t2, c2, g2 = (x[:2] for x in (t, c, g))
+    with pytest.raises(ValueError, match="same number of rows"):
+        medic_fast.importance_clone_loss([t, t2], [c, c2], [g, g2], reduction="none")
+    with pytest.raises(ValueError, match=r"acts_c \(layer 1\) has shape"):
+        medic_fast.importance_clone_loss([t, t], [c, c[:, :1]], [g, g])
+
+
+def test_wrong_backend_for_device():
+    t, c, g, mean, std = _args()
+    with pytest.raises(ValueError, match="backend='cpp' runs on CPU"):
+        medic_fast.importance_clone_loss(t.to("meta"), c.to("meta"), g.to("meta"),
+                                         backend="cpp")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = textwrap.dedent("""
+        import torch, medic_fast
+        x = torch.randn(2, 3)
+        try:
+            medic_fast.importance_clone_loss(x, x, x, backend="triton")
+        except ValueError as e:
+            print("ERR", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "ERR backend='triton' needs CUDA tensors" in out.stdout, out.stderr
+
+
+def test_build_failure_is_explained_and_reference_still_works(tmp_path):
+    """A broken extension source: the error says why, and backend='reference' keeps working."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "broken.cpp").write_text("this is not C++;\n")
+    code = textwrap.dedent(f"""
+        import pathlib, torch, medic_fast
+        from medic_fast import _extension
+        _extension.source_dir = lambda: pathlib.Path({str(src)!r})
+        x = torch.randn(2, 3)
+        try:
+            medic_fast.importance_clone_loss(x, x, x, backend="cpp")
+        except _extension.ExtensionUnavailable as e:
+            print("ERR", str(e).splitlines()[0])
+        print("REF", float(medic_fast.importance_clone_loss(x, x + 1, x, backend="reference")))
+    """)
+    env = dict(os.environ, MEDIC_FAST_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "ERR building the medic_fast C++ extension failed" in out.stdout, out.stderr
+    assert "REF" in out.stdout
