@@ -1,0 +1,189 @@
+"""Speed of the importance clone loss: eager reference, torch.compile(reference), fused backend.
+
+    python benchmarks/bench_loss.py [--repeat 30] [--csv out.csv] [--cases rows64,rows128,wrn]
+
+Prints, per case, dtype and pass (forward, forward+backward): median time, ratio to eager and to
+torch.compile, achieved GB/s (the bytes the op must move: read t, g, c, write dc), that as a
+fraction of the copy bandwidth measured in the same run, and the peak extra memory as a multiple
+of the size of acts_c (the gradient included) for each of the three. The floor of DESIGN.md §1 per case is printed too: the larger of
+bytes / copy bandwidth and (exponentials needed) / (exp throughput measured in the same run).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import gc
+import statistics
+import sys
+import time
+
+import torch
+
+import medic_fast
+
+# WRN-16-1 on 32x32 inputs, batch 64: the shapes of its 25 conv and BN outputs (the released
+# recipe's "conv+bn" plane): conv1, then 3 groups of 2 blocks x (bn1, conv1, bn2, conv2) with a
+# shortcut conv in the first block of groups 2 and 3, and the final BN.
+WRN_16_1 = ([(16, 32, 32)] + [(16, 32, 32)] * 8 + [(32, 16, 16)] * 8 + [(64, 8, 8)] * 8)[:25]
+
+
+def make_case(name: str, dtype: torch.dtype):
+    """Per-layer (t, c, g, mean, std) of fresh random data for a named case."""
+    gen = torch.Generator().manual_seed(0)
+    if name.startswith("rows"):
+        shapes = [(int(name[4:]), 64, 32, 32)]
+    elif name == "wrn":
+        shapes = [(64,) + s for s in WRN_16_1]
+    else:
+        raise ValueError(f"unknown case {name!r}")
+    layers = []
+    for shp in shapes:
+        t = torch.randn(shp, generator=gen).to(dtype)
+        c = (t.float() + 0.3 * torch.randn(shp, generator=gen)).to(dtype)
+        g = (1e-3 * torch.randn(shp, generator=gen)).to(dtype)
+        mean, std = 0.1 * torch.randn(shp[1], generator=gen), torch.rand(shp[1], generator=gen) + 0.5
+        layers.append((t, c, g, mean, std))
+    return layers
+
+
+def _trim():
+    """Give freed memory back, so each timed call sees the allocator as a user's step would."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def median_ms(fn, repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_extra_bytes(step, reset) -> int:
+    """Peak resident-memory growth over one ``step``, gradients included (Linux).
+
+    After a warm-up step, ``reset`` drops the previous gradients, freed memory goes back to the
+    OS, and the kernel's high-water mark is reset (``/proc/self/clear_refs``), so the peak counts
+    every byte the step touches anew, as in a user's training step.
+    """
+    step()
+    reset()
+    _trim()
+    base = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    return (_status_kb("VmHWM") - base) * 1024
+
+
+def runner(layers, backend, *, backward, compiled=None):
+    ts, cs, gs, ms, ss = (list(x) for x in zip(*layers))
+    cs = [c.clone().requires_grad_(backward) for c in cs]
+
+    def loss_fn(cs_):
+        return medic_fast.importance_clone_loss(ts, cs_, gs, ms, ss, tau=5.0, backend=backend)
+
+    f = compiled(loss_fn) if compiled else loss_fn
+
+    def reset():
+        for c in cs:
+            c.grad = None
+
+    def step():
+        if backward:
+            reset()
+            f(cs).backward()
+        else:
+            with torch.no_grad():
+                f(cs)
+
+    return step, reset
+
+
+def measure_copy_gbs(nbytes: int, repeat: int) -> float:
+    x = torch.empty(nbytes // 4)
+    x.uniform_()
+    y = torch.empty_like(x)
+    ms = median_ms(lambda: y.copy_(x), repeat)
+    return 2 * nbytes / ms / 1e6  # read + write
+
+
+def measure_exp_rate(n: int, repeat: int) -> float:
+    x = -torch.rand(n) * 10
+    y = torch.empty_like(x)
+    ms = median_ms(lambda: torch.exp(x, out=y), repeat)
+    return n / ms / 1e6  # G elements / s
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--cases", default="rows64,rows128,wrn")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--backend", default="auto", help="the fused backend to time (auto = cpp on CPU)")
+    p.add_argument("--csv", help="also write the rows to this CSV file")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    rows_out = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    copy = measure_copy_gbs(64 << 20, args.repeat)
+    exp_rate = measure_exp_rate(1 << 22, args.repeat)
+    print(f"copy bandwidth {copy:.1f} GB/s (read+write); torch.exp {exp_rate:.2f} G elem/s")
+    hdr = (f"{'case':8s} {'dtype':9s} {'pass':8s} {'eager ms':>9s} {'compile':>9s} {'fused':>8s} "
+           f"{'x eager':>8s} {'x comp':>7s} {'GB/s':>6s} {'%copy':>6s} {'floor ms':>8s} "
+           f"{'mem x (eager/comp/fused)':>24s}")
+    print(hdr)
+    for case in args.cases.split(","):
+        for dname in args.dtypes.split(","):
+            dtype = getattr(torch, dname)
+            layers = make_case(case, dtype)
+            elems = sum(t.numel() for t, *_ in layers)
+            esize = layers[0][0].element_size()
+            c_bytes = elems * esize
+            for backward in (False, True):
+                torch._dynamo.reset()
+                eager_step, eager_reset = runner(layers, "reference", backward=backward)
+                eager = median_ms(eager_step, max(5, args.repeat // 3))
+                eager_mem = peak_extra_bytes(eager_step, eager_reset) / c_bytes
+                comp_step, comp_reset = runner(layers, "reference", backward=backward,
+                                               compiled=torch.compile)
+                comp = median_ms(comp_step, args.repeat)
+                comp_mem = peak_extra_bytes(comp_step, comp_reset) / c_bytes
+                fused_step, fused_reset = runner(layers, args.backend, backward=backward)
+                fused = median_ms(fused_step, args.repeat)
+                moved = elems * esize * (4 if backward else 3)
+                exps = 2 * elems
+                floor = max(moved / copy / 1e6, exps / exp_rate / 1e6)
+                mem = peak_extra_bytes(fused_step, fused_reset) / c_bytes
+                gbs = moved / fused / 1e6
+                row = dict(case=case, dtype=dname, pass_="fwd+bwd" if backward else "fwd",
+                           eager_ms=eager, compile_ms=comp, fused_ms=fused, x_eager=eager / fused,
+                           x_compile=comp / fused, gbs=gbs, pct_copy=100 * gbs / copy,
+                           floor_ms=floor, mem_x=mem, eager_mem_x=eager_mem, compile_mem_x=comp_mem)
+                rows_out.append(row)
+                print(f"{case:8s} {dname:9s} {row['pass_']:8s} {eager:9.2f} {comp:9.2f} {fused:8.2f} "
+                      f"{row['x_eager']:8.2f} {row['x_compile']:7.2f} {gbs:6.1f} {row['pct_copy']:6.1f} "
+                      f"{floor:8.2f} {eager_mem:8.2f}/{comp_mem:6.2f}/{mem:6.2f}")
+                sys.stdout.flush()
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows_out[0]))
+            w.writeheader()
+            w.writerows(rows_out)
+
+
+if __name__ == "__main__":
+    main()
