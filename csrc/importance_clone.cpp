@@ -360,14 +360,27 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> importance_clone_loss_fwd(
                       row_scale[l]});
   }
 
-  // Whole rows per task when there are enough rows to keep every thread busy.
+  // Whole rows per task when there are enough rows to keep every thread busy; the rows are
+  // dealt out in contiguous runs of equal cost (neurons), as layers differ in row length.
   int64_t total_rows = 0;
   for (const auto& L : layers) total_rows += L.rows;
   const int64_t threads = at::get_num_threads();
   if (total_rows >= 4 * threads || threads == 1) {
-    std::vector<int64_t> first(nl + 1, 0);
-    for (int64_t l = 0; l < nl; ++l) first[l + 1] = first[l] + layers[l].rows;
-    at::parallel_for(0, total_rows, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<int64_t> first(nl + 1, 0), cost(nl + 1, 0);
+    for (int64_t l = 0; l < nl; ++l) {
+      first[l + 1] = first[l] + layers[l].rows;
+      cost[l + 1] = cost[l] + layers[l].rows * layers[l].m;
+    }
+    // The first global row whose cost prefix reaches `target`.
+    auto row_at = [&](int64_t target) {
+      const int64_t l = std::upper_bound(cost.begin(), cost.end(), target) - cost.begin() - 1;
+      if (l >= nl) return total_rows;
+      const int64_t m = layers[l].m;
+      return first[l] + (target - cost[l] + m - 1) / m;
+    };
+    const int64_t parts = std::min(total_rows, 4 * threads);
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      const int64_t j0 = row_at(cost[nl] * p0 / parts), j1 = row_at(cost[nl] * p1 / parts);
       for (int64_t l = 0; l < nl; ++l) {
         const int64_t b0 = std::max(j0, first[l]) - first[l];
         const int64_t b1 = std::min(j1, first[l + 1]) - first[l];
