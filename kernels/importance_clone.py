@@ -258,7 +258,7 @@ def _rescale_kernel(tab, rowstat, tiles, n_layers, DTYPE: tl.constexpr, ACC: tl.
     tile_rec = tiles + (tl.load(lay + _TILE_BASE) + row * tl.load(lay + _NTILES)) * 3
     for tile in range(lo, hi):
         rec = tile_rec + tile * 3
-        f = tl.exp2(tl.load(rec) - ma + tl.load(rec + 1) - mq + tl.load(rec + 2) - ls)
+        f = tl.exp2((tl.load(rec) - ma) + (tl.load(rec + 1) - mq) + (tl.load(rec + 2) - ls))
         i = tile * BLOCK + tl.arange(0, BLOCK)
         mask = i < m
         d = tl.load(dc_row + i, mask=mask, other=0.0).to(ACC)
