@@ -4,7 +4,12 @@ The core op is :func:`importance_clone_loss`, computed by fused kernels (Triton 
 C++ on CPU tensors); see DESIGN.md in the project for the formulas.
 """
 from medic_fast.loss import ImportanceCloneLoss, importance_clone_loss, importance_weights
+from medic_fast.sanitize import Result, evaluate, finetune, sanitize, train_from_scratch
+from medic_fast.stats import LayerStats, collect_stats
+from medic_fast import attacks, data, models  # the evaluation harness, as submodules
 
 __version__ = "0.1.0"
 
-__all__ = ["importance_clone_loss", "importance_weights", "ImportanceCloneLoss"]
+__all__ = ["importance_clone_loss", "importance_weights", "ImportanceCloneLoss",
+           "sanitize", "finetune", "train_from_scratch", "evaluate", "Result",
+           "collect_stats", "LayerStats"]

@@ -1,0 +1,188 @@
+"""Data plumbing shared by the pipelines (MEDIC and CLEAR): ``data`` arguments to loaders, splits,
+augmentation, and the bundled toy data sets (scikit-learn's digits and Swiss roll).
+
+Every public function that takes ``data`` accepts a ``Dataset``, a ``DataLoader`` or an
+``(X, y)`` pair of tensors; :func:`make_loader` turns any of them into a ``DataLoader``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, TensorDataset
+
+__all__ = ["as_dataset", "make_loader", "set_epoch", "split", "RandomCropFlip",
+           "load_digits", "load_swiss_roll"]
+
+
+def _check_pair(X, y, name: str) -> None:
+    if not isinstance(X, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"{name} as a pair must be (X, y) tensors, got "
+                        f"({type(X).__name__}, {type(y).__name__})")
+    if X.dim() == 0 or y.dim() != 1 or X.shape[0] != y.shape[0]:
+        raise ValueError(f"{name}: X must be [N, ...] and y [N] with the same N, got X "
+                         f"{tuple(X.shape)} and y {tuple(y.shape)}")
+    if X.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name}: labels y must be an integer tensor, got {y.dtype}")
+
+
+def as_dataset(data, name: str = "data") -> Dataset:
+    """The ``Dataset`` behind ``data``: a ``Dataset`` itself, a ``DataLoader``'s dataset, or a
+    ``TensorDataset`` of an ``(X, y)`` pair."""
+    if isinstance(data, DataLoader):
+        return data.dataset
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, Sequence) and not isinstance(data, (str, bytes)) and len(data) == 2:
+        _check_pair(data[0], data[1], name)
+        return TensorDataset(data[0], data[1])
+    raise TypeError(f"{name} must be a Dataset, a DataLoader or an (X, y) pair of tensors, "
+                    f"got {type(data).__name__}")
+
+
+def make_loader(data, *, batch_size: int = 64, shuffle: bool = False, seed: int = 0,
+                drop_last: bool = False, shard: Optional[Tuple[int, int]] = None,
+                name: str = "data") -> DataLoader:
+    """A ``DataLoader`` over ``data``.
+
+    * A ``DataLoader`` is used as given (its batch size, sampler, workers), except under
+      ``shard``, where it is rebuilt on its dataset with the same batch size, collate function
+      and workers.
+    * ``(X, y)`` tensors are fetched a whole batch at a time (one indexing per batch, not one
+      per sample).
+    * ``shuffle``: a new permutation every epoch, fixed by ``seed`` and the epoch number (call
+      :func:`set_epoch`), so runs and resumed runs see the same order.
+    * ``shard=(rank, world)``: this process's part of the data. Shuffled: ``DistributedSampler``
+      (padded so every process runs the same number of steps, as DDP needs). Not shuffled: every
+      ``world``-th sample from ``rank`` without padding, so statistics count each sample once.
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(data, DataLoader) and shard is None:
+        return data
+    dataset = as_dataset(data, name)
+    rank, world = shard if shard is not None else (0, 1)
+    if shuffle:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=seed, drop_last=drop_last)
+    else:
+        sampler = range(rank, len(dataset), world)
+    if isinstance(data, DataLoader):
+        return DataLoader(dataset, batch_size=data.batch_size or batch_size, sampler=sampler,
+                          collate_fn=data.collate_fn, num_workers=data.num_workers,
+                          drop_last=drop_last)
+    if isinstance(dataset, TensorDataset):
+        return DataLoader(dataset, batch_size=None,
+                          sampler=BatchSampler(sampler, batch_size, drop_last))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell the loader's sampler (if it is epoch-aware, e.g. ``DistributedSampler``) the epoch."""
+    for sampler in (loader.sampler, getattr(loader.sampler, "sampler", None),
+                    getattr(loader.batch_sampler, "sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+            return
+
+
+def split(X: Tensor, y: Tensor, fractions: Sequence[float], *, seed: int = 0,
+          stratify: bool = True) -> list:
+    """Split ``(X, y)`` into ``len(fractions)`` disjoint ``(X, y)`` parts of those fractions.
+
+    With ``stratify`` every part keeps the class proportions (each class is split on its own).
+    Fractions may sum to less than 1; the rest is left out. Deterministic given ``seed``.
+    """
+    _check_pair(X, y, "split")
+    fr = [float(f) for f in fractions]
+    if not fr or any(f < 0 for f in fr) or sum(fr) > 1 + 1e-9:
+        raise ValueError(f"fractions must be >= 0 and sum to at most 1, got {list(fractions)}")
+    gen = torch.Generator().manual_seed(seed)
+    groups = [torch.nonzero(y == c).flatten() for c in torch.unique(y)] if stratify \
+        else [torch.arange(len(y))]
+    parts = [[] for _ in fr]
+    for idx in groups:
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        cum = torch.tensor([0.0, *fr], dtype=torch.float64).cumsum(0).clamp(max=1.0)
+        cuts = (cum * len(idx)).round().long().tolist()  # cumulative: fractions summing to 1 keep all
+        for k in range(len(fr)):
+            parts[k].append(idx[cuts[k]:cuts[k + 1]])
+    out = []
+    for p in parts:
+        idx = torch.cat(p)
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        out.append((X[idx], y[idx]))
+    return out
+
+
+class RandomCropFlip:
+    """Batch augmentation for images ``[B, C, H, W]``: a random crop after zero-padding by
+    ``padding`` pixels, and a random horizontal flip when ``flip`` (off for digits, which are
+    not mirror-symmetric). Draws from the global torch RNG (the training loop seeds it per epoch).
+    """
+
+    def __init__(self, padding: int = 1, flip: bool = False):
+        if not isinstance(padding, int) or padding < 0:
+            raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+        self.padding, self.flip = padding, bool(flip)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"RandomCropFlip takes images [B, C, H, W], got shape {tuple(x.shape)}")
+        b, _, h, w = x.shape
+        p = self.padding
+        if p:
+            xp = F.pad(x, (p, p, p, p))
+            oy = torch.randint(0, 2 * p + 1, (b, 1), device=x.device)
+            ox = torch.randint(0, 2 * p + 1, (b, 1), device=x.device)
+            rows = (oy + torch.arange(h, device=x.device))[:, :, None]
+            cols = (ox + torch.arange(w, device=x.device))[:, None, :]
+            x = xp[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+        if self.flip:
+            mirror = torch.rand(b, device=x.device) < 0.5
+            x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+        return x.contiguous()
+
+    def __repr__(self) -> str:
+        return f"RandomCropFlip(padding={self.padding}, flip={self.flip})"
+
+
+def load_digits() -> Tuple[Tensor, Tensor]:
+    """scikit-learn's bundled handwritten digits: ``X`` [1797, 1, 8, 8] float32 in [0, 1],
+    ``y`` [1797] int64 in 0..9. No download."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    X = torch.from_numpy(d.images).float().div_(16.0).unsqueeze(1)
+    return X, torch.from_numpy(d.target).long()
+
+
+def load_swiss_roll(n_samples: int = 2000, *, n_classes: int = 2, bands: Optional[int] = None,
+                    noise: float = 0.5, seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """scikit-learn's Swiss roll as a classification toy: ``X`` [n, 3] float32 (standardised),
+    ``y`` [n] int64.
+
+    The roll is cut along its length into ``bands`` strips of equal sample count (default
+    ``n_classes``), strip ``k`` labelled ``k % n_classes``: more bands than classes interleave
+    the classes along the roll, a harder, more non-linear boundary.
+    """
+    from sklearn.datasets import make_swiss_roll
+
+    if n_classes < 2:
+        raise ValueError(f"n_classes must be >= 2, got {n_classes}")
+    bands = n_classes if bands is None else bands
+    if bands < n_classes:
+        raise ValueError(f"bands must be >= n_classes ({n_classes}), got {bands}")
+    pts, t = make_swiss_roll(n_samples, noise=noise, random_state=seed)
+    X = torch.from_numpy(pts).float()
+    X = (X - X.mean(0)) / X.std(0)
+    t = torch.from_numpy(t)
+    rank = torch.empty_like(t, dtype=torch.long)
+    rank[torch.argsort(t)] = torch.arange(n_samples)
+    y = (rank * bands // n_samples) % n_classes
+    return X, y.long()

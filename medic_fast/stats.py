@@ -1,0 +1,162 @@
+"""Activation statistics of a model over a data set: the ``mean`` / ``std`` of the importance
+clone loss (DESIGN.md §1), per channel or per neuron.
+
+Batches are merged with Chan et al.'s parallel form of Welford's algorithm in float64 (no
+catastrophic cancellation from summing squares); under ``torch.distributed`` each process
+handles its shard and the per-process moments are gathered and merged the same way, so every
+process ends with the statistics of the whole data set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from medic_fast.capture import ActivationCapture, eval_mode, inplace_modified, resolve_layers
+from medic_fast.data import make_loader
+
+__all__ = ["LayerStats", "collect_stats"]
+
+PER = ("channel", "neuron")
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Statistics of the hooked layers: ``mean[i]`` and population ``std[i]`` (float32) of layer
+    ``layers[i]``: 1-D ``[C]`` per channel, or the feature shape per neuron; ``count`` samples."""
+    layers: List[str]
+    mean: List[Tensor]
+    std: List[Tensor]
+    per: str
+    count: int
+
+    def to(self, device) -> "LayerStats":
+        """The same statistics on ``device``."""
+        return LayerStats(self.layers, [m.to(device) for m in self.mean],
+                          [s.to(device) for s in self.std], self.per, self.count)
+
+
+class _Moments:
+    """Count, mean and sum of squared deviations (M2) of one layer, in float64."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0.0, None, None
+
+    def merge(self, n: float, mean: Tensor, m2: Tensor) -> None:
+        """Chan et al.: combine with another group's ``(n, mean, M2)``."""
+        if n == 0:
+            return
+        if self.n == 0:
+            self.n, self.mean, self.m2 = n, mean.clone(), m2.clone()
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += m2 + delta.square() * (self.n * n / total)
+        self.n = total
+
+    def add_batch(self, x: Tensor, per: str) -> None:
+        x = x.detach().to(torch.float64)
+        dims = [d for d in range(x.dim()) if d != 1] if per == "channel" else [0]
+        var, mean = torch.var_mean(x, dims, correction=0)
+        n = float(x.numel() // mean.numel())
+        self.merge(n, mean, var * n)
+
+
+def _all_gather_moments(moments: List[_Moments]) -> None:
+    """Merge every process's moments into every process's ``moments``, in rank order."""
+    world = dist.get_world_size()
+    flat = torch.cat([torch.cat([torch.tensor([m.n], dtype=torch.float64),
+                                 m.mean.flatten().cpu(), m.m2.flatten().cpu()])
+                      for m in moments])
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flat = flat.to(backend_device)
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    shapes = [(m.mean.shape, m.mean.device) for m in moments]
+    for i in range(len(moments)):
+        moments[i] = _Moments()
+    for g in gathered:
+        offset = 0
+        for i, (shape, device) in enumerate(shapes):
+            k = shape.numel()
+            n = float(g[offset])
+            mean = g[offset + 1:offset + 1 + k].reshape(shape).to(device)
+            m2 = g[offset + 1 + k:offset + 1 + 2 * k].reshape(shape).to(device)
+            moments[i].merge(n, mean, m2)
+            offset += 1 + 2 * k
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None,
+                  per: str = "channel", *, batch_size: int = 256, device=None) -> LayerStats:
+    """Mean and std of the outputs of ``layers`` of ``model`` over ``data``, in eval mode.
+
+    Args:
+        model: the (trojaned) model; it is put in eval mode for the pass and its training flags
+            are restored afterwards; nothing else of it changes.
+        data: a ``Dataset``, ``DataLoader`` or ``(X, y)`` pair (labels are not used).
+        layers: module names; default every conv and BatchNorm layer.
+        per: ``"channel"`` (over batch and spatial positions; for 2-D outputs, per feature) or
+            ``"neuron"`` (over the batch only: one statistic per element of the feature map).
+        batch_size: for ``(X, y)`` or ``Dataset`` data.
+        device: where to run; default the model's parameters' device.
+
+    Under an initialised ``torch.distributed`` process group each process reads its
+    ``rank``-th share of the data and the result is the statistics of all of it.
+    """
+    if per not in PER:
+        raise ValueError(f"per must be one of {PER}, got {per!r}")
+    names = resolve_layers(model, layers)
+    return _collect(model, make_loader(data, batch_size=batch_size, shard=_shard()), names, per,
+                    _device_of(model, device))
+
+
+def _collect(model: nn.Module, loader, names: List[str], per: str, device,
+             copy: Optional[List[str]] = None) -> LayerStats:
+    """:func:`collect_stats` on a ready loader; ``copy`` as in :class:`ActivationCapture`
+    (found with :func:`inplace_modified` on the first batch when None)."""
+    moments = [_Moments() for _ in names]
+    count = 0
+    with eval_mode(model):
+        for batch in loader:
+            x = batch[0].to(device)
+            if copy is None:
+                copy = inplace_modified(model, names, x)
+            with ActivationCapture(model, names, copy=copy) as cap:
+                model(x)
+                for m, a in zip(moments, cap.outputs()):
+                    m.add_batch(a, per)
+            count += x.shape[0]
+    return _finalize(names, moments, count, per)
+
+
+def _finalize(names: List[str], moments: List[_Moments], count: int, per: str) -> LayerStats:
+    """This process's moments over ``count`` samples -> the statistics of all processes."""
+    if count == 0:
+        raise ValueError("data is empty (or this process's share of it is): no statistics")
+    if dist.is_available() and dist.is_initialized():
+        _all_gather_moments(moments)
+        total = torch.tensor([count], dtype=torch.float64,
+                             device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(total)
+        count = int(total.item())
+    return LayerStats(list(names), [m.mean.float() for m in moments],
+                      [(m.m2 / m.n).sqrt().float() for m in moments], per, count)
+
+
+def _shard():
+    """``(rank, world)`` under an initialised process group, else None."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _device_of(model: nn.Module, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

@@ -1,0 +1,127 @@
+"""The medic-fast command: help texts, the demo, and sanitize on a user's model and data."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from medic_fast import cli, models
+
+
+def _subparsers():
+    parser = cli._parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return parser, action.choices
+
+
+def test_help_explains_every_option(capsys):
+    parser, subs = _subparsers()
+    assert set(subs) == {"demo", "sanitize", "scan", "bench"}
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in subs)
+    for name, sub in subs.items():
+        assert sub.description
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+        with pytest.raises(SystemExit):
+            cli.main([name, "--help"])
+        text = capsys.readouterr().out
+        assert all(opt in text for a in sub._actions for opt in a.option_strings)
+
+
+def test_console_script_entry_point():
+    r = subprocess.run([sys.executable, "-m", "medic_fast.cli", "sanitize", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--checkpoint" in r.stdout and "never overwrites" in r.stdout.lower()
+
+
+def test_demo_refuses_an_existing_out_file(tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    out.write_text("mine")
+    assert cli.main(["demo", "--out", str(out)]) == 2
+    assert out.read_text() == "mine" and "never overwritten" in capsys.readouterr().err
+
+
+def test_free_name_never_reuses_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli._free_name("medic-fast-demo", ".json") == "medic-fast-demo.json"
+    (tmp_path / "medic-fast-demo.json").write_text("x")
+    (tmp_path / "medic-fast-demo-1.json").write_text("x")
+    assert cli._free_name("medic-fast-demo", ".json") == "medic-fast-demo-2.json"
+
+
+def test_demo_meets_its_targets(tmp_path, monkeypatch, capsys):
+    """The README's demo: MEDIC takes ASR from >90% to <=10% within 3 points of the trojaned
+    model's accuracy; fine-tuning leaves the backdoor; well under 3 minutes."""
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    assert cli.main(["demo", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "medic" in out and "wrote medic-fast-demo.json" in out
+    result = json.loads((tmp_path / "medic-fast-demo.json").read_text())
+    rows = {r["method"]: r for r in result["results"]}
+    assert rows["trojaned"]["asr"] > 0.9
+    assert rows["medic"]["asr"] <= 0.10
+    assert rows["medic"]["acc"] >= rows["trojaned"]["acc"] - 0.03
+    assert rows["finetune"]["asr"] > 0.5
+    assert result["phases"]["total"] < 180 and result["threads"] == 1
+    assert torch.get_num_threads() == threads  # restored
+
+
+def test_sanitize_command_on_user_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "usermod.py").write_text(textwrap.dedent("""
+        import torch
+        from medic_fast import attacks, data, models
+
+        def model():
+            return models.DigitsCNN((4, 8, 8))
+
+        def clean():
+            X, y = data.load_digits()
+            return X[:128], y[:128]
+
+        def held_out():
+            X, y = data.load_digits()
+            return X[-200:], y[-200:]
+
+        trigger = attacks.BadNets(size=3)
+    """))
+    torch.manual_seed(0)
+    weights = tmp_path / "in.pt"
+    torch.save({"state_dict": models.DigitsCNN((4, 8, 8)).state_dict()}, weights)
+    before = weights.read_bytes()
+    args = ["sanitize", "--model", "usermod:model", "--checkpoint", str(weights),
+            "--data", "usermod:clean", "--out", "clone.pt", "--epochs", "2", "--no-progress",
+            "--eval-data", "usermod:held_out", "--trigger", "usermod:trigger", "--target", "0",
+            "--history", "history.json"]
+    assert cli.main(args) == 0
+    assert "wrote clone.pt" in capsys.readouterr().out
+    clone = models.DigitsCNN((4, 8, 8))
+    clone.load_state_dict(torch.load("clone.pt", weights_only=True))
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(history) == 2 and {"acc", "asr"} <= set(history[-1])
+    assert weights.read_bytes() == before
+    assert cli.main(args) == 2  # never overwrites its output
+    assert "never overwritten" in capsys.readouterr().err
+    os.remove("clone.pt")
+    os.remove("history.json")
+    with pytest.raises(SystemExit, match="no attribute"):
+        cli.main(args[:2] + ["usermod:nothing"] + args[3:])
+    assert cli.main(args[:-6] + ["--target", "0"]) == 2  # --target without --trigger
+
+
+def test_scan_without_clear_gives_a_clear_message(tmp_path, monkeypatch, capsys):
+    import medic_fast
+
+    monkeypatch.delattr(medic_fast, "scan", raising=False)
+    torch.save(models.MLP().state_dict(), tmp_path / "m.pt")
+    code = cli.main(["scan", "--model", "medic_fast.models:MLP", "--checkpoint",
+                     str(tmp_path / "m.pt"), "--data", "medic_fast.data:load_swiss_roll"])
+    assert code == 2 and "CLEAR scanner" in capsys.readouterr().err
