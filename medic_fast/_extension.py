@@ -54,14 +54,15 @@ def sources(with_cuda: bool | None = None) -> list[Path]:
 
 
 def _cpu_tag() -> str:
-    """Short hash of what the compiled code depends on: torch, python, and the CPU's features."""
+    """Short hash of what the compiled code depends on: torch, python, the CPU's features, and
+    which source tree it comes from (two checkouts must not rebuild over each other)."""
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         flags = platform.processor()
-    key = f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}|{flags}"
+    key = f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}|{flags}|{source_dir()}"
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
