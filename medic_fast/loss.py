@@ -230,6 +230,20 @@ def _setup_context(ctx, inputs, output):
     ctx.handed_over = False
 
 
+def _scale_rows_(d: Tensor, scale: Tensor) -> None:
+    """``d *= scale`` in place, ``scale`` a scalar or one value per row of ``d``.
+
+    Per-row fp32 scales on a 16-bit ``d`` go in chunks of rows: a mixed-dtype in-place multiply
+    computes through a temporary the size of its operand, which must stay small.
+    """
+    if scale.dim() == 0 or scale.dtype == d.dtype:
+        d.mul_(scale)
+        return
+    rows = max(1, (1 << 18) // max(1, d.shape[1]))
+    for d_part, s_part in zip(d.split(rows), scale.split(rows)):
+        d_part.mul_(s_part)
+
+
 def _backward(ctx, grad_loss, _grad_dc):
     """Scale the gradient kept by the forward by ``grad_loss``.
 
@@ -255,7 +269,7 @@ def _backward(ctx, grad_loss, _grad_dc):
         if not (grad_loss.device.type == "cpu" and bool((grad_loss == 1).all())):
             for d in dc:
                 # .data: scaling the handed-over buffer must not bump the saved tensor's version.
-                d.data.mul_(scale)
+                _scale_rows_(d.data, scale)
     return none, dc, none, none, none, none, None, None, None, None, None, None, None
 
 

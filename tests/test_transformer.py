@@ -1,0 +1,310 @@
+"""Transformers: tuple capture, masked per-token statistics and loss, the Cloner training step
+(against a plain PyTorch reference, under autocast, checkpointing, DDP, torch.compile)."""
+import copy
+import gc
+import os
+import weakref
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import medic_fast
+from medic_fast.cloner import Cloner, TokenCapture, collect_token_stats, masked_clone_loss
+from medic_fast.transformer import (TinyTransformer, TokenTrigger, make_sequences,
+                                    padding_mask)
+
+LAYERS = ["blocks.0", "blocks.1.self_attn", "blocks.1.mlp"]
+
+
+def _models(seed=0, **kw):
+    torch.manual_seed(seed)
+    teacher = TinyTransformer(d_model=32, depth=2, heads=4, max_len=16, **kw)
+    teacher.eval().requires_grad_(False)
+    torch.manual_seed(seed + 1)
+    student = TinyTransformer(d_model=32, depth=2, heads=4, max_len=16, **kw)
+    return teacher, student
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_sequences(48, length=16, min_length=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def stats(data):
+    teacher, _ = _models()
+    return collect_token_stats(teacher, data, LAYERS, mask_fn=padding_mask, batch_size=20)
+
+
+def _record(model, names):
+    """Outputs of ``names`` on the next forward, by plain hooks (tuple outputs: element 0)."""
+    store, handles = {}, []
+    mods = dict(model.named_modules())
+    for n in names:
+        handles.append(mods[n].register_forward_hook(
+            lambda m, i, o, n=n: store.__setitem__(n, o[0] if isinstance(o, tuple) else o)))
+    return store, handles
+
+
+def test_tuple_capture_selects_and_passes_replacement_on(data):
+    X, _ = data
+    teacher, _ = _models()
+    store, handles = _record(teacher, ["blocks.1.self_attn"])
+    with torch.no_grad():
+        expected_logits = teacher(X)
+    for sel in (None, 0, lambda out: out[0]):
+        with TokenCapture(teacher, ["blocks.1.self_attn"], select=sel) as cap, torch.no_grad():
+            teacher(X)
+            (a,) = cap.outputs()
+        assert torch.equal(a, store["blocks.1.self_attn"])
+    # The teacher's capture replaces the (grad-free) tensor by a leaf: it must go back into the
+    # tuple, so the loss depends on it and the model's output is unchanged.
+    with TokenCapture(teacher, ["blocks.0.self_attn"], differentiable=True) as cap:
+        logits = teacher(X)
+        (a,) = cap.outputs()
+    assert a.is_leaf and a.requires_grad
+    assert torch.allclose(logits, expected_logits, atol=1e-6)
+    (g,) = torch.autograd.grad(logits.sum(), [a])
+    assert g.abs().sum() > 0
+    for h in handles:
+        h.remove()
+    with pytest.raises(ValueError, match="select=3"):
+        with TokenCapture(teacher, ["blocks.0.self_attn"], select=3) as cap:
+            teacher(X)
+    with pytest.raises(ValueError, match="must return one of the tensors"):
+        with TokenCapture(teacher, ["blocks.0.self_attn"], select=lambda o: o[0] * 1,
+                          differentiable=True) as cap:
+            teacher(X)
+    with pytest.raises(TypeError, match="select"):
+        TokenCapture(teacher, ["blocks.0"], select="first")
+
+
+def test_token_stats_equal_direct_masked_computation(data, stats):
+    X, _ = data
+    teacher, _ = _models()
+    store, handles = _record(teacher, LAYERS)
+    with torch.no_grad():
+        teacher(X)
+    for h in handles:
+        h.remove()
+    mask = padding_mask(X)
+    for name, mean, std in zip(LAYERS, stats.mean, stats.std):
+        rows = store[name][mask].double()
+        assert torch.allclose(mean.double(), rows.mean(0), atol=1e-5)
+        assert torch.allclose(std.double(), rows.std(0, correction=0), atol=1e-5)
+        # padding changes the statistics, so the mask was applied
+        assert not torch.allclose(mean.double(), store[name].reshape(-1, 32).double().mean(0),
+                                  atol=1e-3)
+    assert stats.count == len(X)
+
+
+def test_masked_loss_ignores_padded_tokens():
+    gen = torch.Generator().manual_seed(0)
+    B, T, H = 3, 7, 40
+    t, g = torch.randn(B, T, H, generator=gen), 1e-2 * torch.randn(B, T, H, generator=gen)
+    c = t + 0.3 * torch.randn(B, T, H, generator=gen)
+    mean, std = torch.zeros(H), torch.rand(H, generator=gen) + 0.5
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[2, 2:] = False
+
+    def run(t, c, g):
+        c = c.clone().requires_grad_()
+        loss = masked_clone_loss(t, c, g, mean, std, mask, tau=5.0)
+        loss.backward()
+        return loss, c.grad
+
+    loss, grad = run(t, c, g)
+    junk = lambda x: torch.where(mask[..., None], x, 1e3 * torch.randn(x.shape, generator=gen))
+    loss2, grad2 = run(junk(t), junk(c), junk(g))
+    assert torch.allclose(loss, loss2) and torch.allclose(grad, grad2)
+    assert grad[~mask].abs().max() == 0 and grad[mask].abs().max() > 0
+    rows = medic_fast.importance_clone_loss(t, c, g, mean, std, tau=5.0, start_dim=2,
+                                            reduction="none", backend="reference").reshape(B, T)
+    assert torch.allclose(loss, rows[mask].mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="mask has shape"):
+        masked_clone_loss(t, c, g, mean, std, mask[:, :3], tau=5.0)
+
+
+def _reference_loss(teacher, student, X, y, mask, stats, tau=5.0, lam=10.0):
+    """The Cloner's loss written out in float64 PyTorch, hooks and autograd only."""
+    tref = copy.deepcopy(teacher).double().requires_grad_(True)
+    store_t, ht = _record(tref, LAYERS)
+    ce_t = F.cross_entropy(tref(X), y)
+    acts_t = [store_t[n] for n in LAYERS]
+    grads = torch.autograd.grad(ce_t, acts_t)
+    store_c, hc = _record(student, LAYERS)
+    logits = student(X)
+    for h in ht + hc:
+        h.remove()
+    total = F.cross_entropy(logits, y)
+    for n, t, g, mu, sd in zip(LAYERS, acts_t, grads, stats.mean, stats.std):
+        c = store_c[n].double()
+        s = sd.double() + 1e-5
+        a = tau * ((t - mu.double()) / s).abs()
+        q = tau * s * g
+        w = torch.sqrt(torch.softmax(a, -1) * torch.softmax(q, -1))
+        rows = (w * ((t.detach() - c) / s) ** 2).sum(-1)
+        total = total + lam * rows[mask].mean()
+    return total
+
+
+def test_cloner_gradients_equal_reference(data, stats):
+    X, y = data
+    teacher, student = _models()
+    mask = padding_mask(X)
+    cloner = Cloner(teacher, student, LAYERS, stats, tau=5.0, lam=10.0)
+    loss = cloner(X, y, mask)
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+    ref = _reference_loss(teacher, student, X, y, mask, stats)
+    ref_grads = torch.autograd.grad(ref, list(student.parameters()))
+    assert torch.allclose(loss.double(), ref, rtol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r.float(), rtol=1e-3, atol=1e-5)
+    # without a mask every token counts: a different loss
+    assert not torch.allclose(cloner(X, y), loss, rtol=1e-3)
+
+
+def test_autocast_bf16(data, stats):
+    X, y = data
+    teacher, student = _models()
+    cloner = Cloner(teacher, student, LAYERS, stats)
+    ref = cloner(X, y, padding_mask(X))
+    seen = {}
+    h = student.blocks[1].mlp.register_forward_hook(lambda m, i, o: seen.update(dt=o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = cloner(X, y, padding_mask(X))
+    h.remove()
+    assert seen["dt"] == torch.bfloat16
+    loss.backward()
+    assert torch.isfinite(loss) and abs(float(loss.detach()) / float(ref.detach()) - 1) < 0.05
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+               for p in student.parameters())
+
+
+def test_checkpointed_student(data, stats):
+    X, y = data
+    teacher, plain = _models()
+    mask = padding_mask(X)
+    ref = torch.autograd.grad(Cloner(teacher, plain, LAYERS, stats)(X, y, mask),
+                              list(plain.parameters()))
+    _, ckpt = _models(checkpoint="non_reentrant")
+    loss = Cloner(teacher, ckpt, LAYERS, stats)(X, y, mask)
+    grads = torch.autograd.grad(loss, list(ckpt.parameters()))
+    for g, r in zip(grads, ref):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
+    _, reentrant = _models(checkpoint="reentrant")
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        Cloner(teacher, reentrant, LAYERS, stats)(X, y, mask)
+
+
+def test_two_training_steps_and_nothing_kept(data, stats):
+    X, y = data
+    teacher, student = _models()
+    teacher_state = copy.deepcopy(teacher.state_dict())
+    kept = []
+    h = teacher.blocks[0].register_forward_hook(lambda m, i, o: kept.append(weakref.ref(o)))
+    cloner = Cloner(teacher, student, LAYERS, stats)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    before = copy.deepcopy(student.state_dict())
+    losses = []
+    for _ in range(2):
+        loss = cloner(X, y, padding_mask(X))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    del loss
+    gc.collect()
+    h.remove()
+    assert len(kept) == 2 and all(r() is None for r in kept)  # teacher activations freed
+    assert losses[1] < losses[0]
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items())
+    assert not teacher.training and not any(m._forward_hooks for m in student.modules())
+
+
+def test_cloner_argument_errors(stats):
+    teacher, student = _models()
+    with pytest.raises(ValueError, match="stats are for layers"):
+        Cloner(teacher, student, LAYERS[:2], stats)
+    with pytest.raises(ValueError, match="not a submodule"):
+        Cloner(teacher, student, ["blocks.7"], stats)
+    with pytest.raises(TypeError, match="stats must be a LayerStats"):
+        Cloner(teacher, student, LAYERS, None)
+    with pytest.raises(ValueError, match="tau"):
+        Cloner(teacher, student, LAYERS, stats, tau=-1)
+
+
+def test_compiled_student(data, stats):
+    """Dynamo traces the student with the Cloner's hooks; a compiled step runs the Cloner eagerly
+    around it. (aot_eager: the graphs without Inductor's code generation, which costs ~40 s
+    here; benchmarks/bench_transformer.py runs Inductor.)"""
+    X, y = data
+    teacher, student = _models()
+    mask = padding_mask(X)
+    ref = torch.autograd.grad(Cloner(teacher, student, LAYERS, stats)(X, y, mask),
+                              list(student.parameters()))
+    cloner = Cloner(teacher, torch.compile(student, backend="aot_eager"), LAYERS, stats)
+    step = torch.compile(lambda x, y, m: cloner(x, y, m), backend="aot_eager")
+    grads = torch.autograd.grad(step(X, y, mask), list(student.parameters()))
+    for g, r in zip(grads, ref):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_token_trigger(data):
+    X, y = data
+    trig = TokenTrigger(pattern=(5, 6))
+    p = trig.poison(X, y, 0.25, target=1, seed=0)
+    assert p.X.dtype == X.dtype and torch.equal(p.X[~torch.isin(torch.arange(len(X)), p.index)],
+                                                X[~torch.isin(torch.arange(len(X)), p.index)])
+    assert (p.y[p.index] == 1).all() and (y[p.index] != 1).all()
+    stamped = trig(X)
+    assert torch.equal(padding_mask(stamped), padding_mask(X))
+    hits = (stamped.unfold(1, 2, 1) == torch.tensor([5, 6])).all(-1).any(1)
+    assert hits.all()
+
+
+def _ddp_worker(rank, world, port, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        X, y = make_sequences(48, length=16, min_length=4, seed=0)
+        teacher, student = _models()
+        stats = collect_token_stats(teacher, (X, y), LAYERS, mask_fn=padding_mask, batch_size=8)
+        ddp = torch.nn.parallel.DistributedDataParallel(student)
+        xs, ys = X[rank::world], y[rank::world]
+        Cloner(teacher, ddp, LAYERS, stats)(xs, ys, padding_mask(xs)).backward()
+        if rank == 0:
+            # numpy arrays pickle by value (tensors would pass file descriptors that die with us)
+            result.put([[x.numpy() for x in xs] for xs in
+                        (stats.mean, stats.std, [p.grad for p in student.parameters()])])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes(data, stats):
+    X, y = data
+    ctx = mp.get_context("spawn")
+    result = ctx.Queue()
+    port = 29500 + os.getpid() % 1000
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, result)) for r in range(2)]
+    for p in procs:
+        p.start()
+    means, stds, grads = ([torch.from_numpy(a) for a in xs] for xs in result.get(timeout=120))
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    for a, b in zip(means + stds, stats.mean + stats.std):
+        assert torch.allclose(a, b, atol=1e-5)
+    # DDP averages the two shards' gradients
+    teacher, student = _models()
+    cloner = Cloner(teacher, student, LAYERS, stats)
+    loss = sum(cloner(X[r::2], y[r::2], padding_mask(X[r::2])) for r in range(2)) / 2
+    ref = torch.autograd.grad(loss, list(student.parameters()))
+    for g, r in zip(grads, ref):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
