@@ -4,9 +4,11 @@
 
 Prints, per case, dtype and pass (forward, forward+backward): median time, ratio to eager and to
 torch.compile, achieved GB/s (the bytes the op must move: read t, g, c, write dc), that as a
-fraction of the copy bandwidth measured in the same run, and the peak extra memory as a multiple
+fraction of the copy bandwidth measured in the same run, the fused time at tau=0 (the same kernel
+without exponentials: the difference gives the exp throughput achieved in situ), and the peak
+extra memory as a multiple
 of the size of acts_c (the gradient included) for each of the three. The floor of DESIGN.md §1 per case is printed too: the larger of
-bytes / copy bandwidth and (exponentials needed) / (exp throughput measured in the same run).
+bytes / copy bandwidth and (2 exponentials per element) / (our exp throughput in situ).
 """
 from __future__ import annotations
 
@@ -89,12 +91,12 @@ def peak_extra_bytes(step, reset) -> int:
     return (_status_kb("VmHWM") - base) * 1024
 
 
-def runner(layers, backend, *, backward, compiled=None):
+def runner(layers, backend, *, backward, compiled=None, tau=5.0):
     ts, cs, gs, ms, ss = (list(x) for x in zip(*layers))
     cs = [c.clone().requires_grad_(backward) for c in cs]
 
     def loss_fn(cs_):
-        return medic_fast.importance_clone_loss(ts, cs_, gs, ms, ss, tau=5.0, backend=backend)
+        return medic_fast.importance_clone_loss(ts, cs_, gs, ms, ss, tau=tau, backend=backend)
 
     f = compiled(loss_fn) if compiled else loss_fn
 
@@ -134,8 +136,11 @@ def main(argv=None):
     p.add_argument("--cases", default="rows64,rows128,wrn")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--backend", default="auto", help="the fused backend to time (auto = cpp on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--csv", help="also write the rows to this CSV file")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows_out = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -143,7 +148,8 @@ def main(argv=None):
     exp_rate = measure_exp_rate(1 << 22, args.repeat)
     print(f"copy bandwidth {copy:.1f} GB/s (read+write); torch.exp {exp_rate:.2f} G elem/s")
     hdr = (f"{'case':8s} {'dtype':9s} {'pass':8s} {'eager ms':>9s} {'compile':>9s} {'fused':>8s} "
-           f"{'x eager':>8s} {'x comp':>7s} {'GB/s':>6s} {'%copy':>6s} {'floor ms':>8s} "
+           f"{'x eager':>8s} {'x comp':>7s} {'GB/s':>6s} {'%copy':>6s} {'tau0 ms':>7s} {'exp G/s':>7s} "
+           f"{'floor ms':>8s} "
            f"{'mem x (eager/comp/fused)':>24s}")
     print(hdr)
     for case in args.cases.split(","):
@@ -164,19 +170,23 @@ def main(argv=None):
                 comp_mem = peak_extra_bytes(comp_step, comp_reset) / c_bytes
                 fused_step, fused_reset = runner(layers, args.backend, backward=backward)
                 fused = median_ms(fused_step, args.repeat)
-                moved = elems * esize * (4 if backward else 3)
+                # Our exponentials in situ: tau=0 runs the same kernel without them.
+                no_exp = median_ms(runner(layers, args.backend, backward=backward, tau=0.0)[0],
+                                   args.repeat)
                 exps = 2 * elems
-                floor = max(moved / copy / 1e6, exps / exp_rate / 1e6)
+                our_exp_rate = exps / max(fused - no_exp, 1e-6) / 1e6  # G exp / s
+                moved = elems * esize * (4 if backward else 3)
+                floor = max(moved / copy / 1e6, exps / our_exp_rate / 1e6)
                 mem = peak_extra_bytes(fused_step, fused_reset) / c_bytes
                 gbs = moved / fused / 1e6
                 row = dict(case=case, dtype=dname, pass_="fwd+bwd" if backward else "fwd",
                            eager_ms=eager, compile_ms=comp, fused_ms=fused, x_eager=eager / fused,
                            x_compile=comp / fused, gbs=gbs, pct_copy=100 * gbs / copy,
-                           floor_ms=floor, mem_x=mem, eager_mem_x=eager_mem, compile_mem_x=comp_mem)
+                           floor_ms=floor, no_exp_ms=no_exp, exp_gps=our_exp_rate, mem_x=mem, eager_mem_x=eager_mem, compile_mem_x=comp_mem)
                 rows_out.append(row)
                 print(f"{case:8s} {dname:9s} {row['pass_']:8s} {eager:9.2f} {comp:9.2f} {fused:8.2f} "
                       f"{row['x_eager']:8.2f} {row['x_compile']:7.2f} {gbs:6.1f} {row['pct_copy']:6.1f} "
-                      f"{floor:8.2f} {eager_mem:8.2f}/{comp_mem:6.2f}/{mem:6.2f}")
+                      f"{no_exp:7.2f} {our_exp_rate:7.2f} {floor:8.2f} {eager_mem:8.2f}/{comp_mem:6.2f}/{mem:6.2f}")
                 sys.stdout.flush()
     if args.csv:
         with open(args.csv, "w", newline="") as f:
