@@ -18,7 +18,7 @@ import torch
 
 __all__ = ["main", "run_demo", "bench_steps", "DEMO_SETTINGS"]
 
-# The demo's settings, chosen on seeds 0-4 (see benchmarks/RESULTS_sanitize.md for what else was
+# The demo's settings, chosen on seeds 0-4 (see benchmarks/RESULTS.md §2 for what else was
 # tried): digits split 60/10/30 (trojan training / clean defence set / test), a 3x3 BadNets
 # checkerboard in the bottom-right corner on 10% of the training set, target class 0.
 DEMO_SETTINGS = {
