@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
@@ -27,7 +26,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from medic_fast.capture import ActivationCapture, resolve_layers, teacher_signals
 from medic_fast.data import make_loader
 from medic_fast.loss import CRITERIA, importance_clone_loss
-from medic_fast.stats import LayerStats, _all_gather_moments, _device_of, _Moments, _shard
+from medic_fast.stats import LayerStats, _device_of, _finalize, _Moments, _shard
 
 __all__ = ["Cloner", "TokenCapture", "collect_token_stats", "masked_clone_loss", "inner_module"]
 
@@ -320,13 +319,4 @@ def collect_token_stats(model: nn.Module, data, layers: Sequence[str], *,
     finally:
         for m, mode in modes.items():
             m.training = mode
-    if count == 0:
-        raise ValueError("data is empty (or this process's share of it is): no statistics")
-    if dist.is_available() and dist.is_initialized():
-        _all_gather_moments(moments)
-        total = torch.tensor([count], dtype=torch.float64,
-                             device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(total)
-        count = int(total.item())
-    return LayerStats(list(names), [m.mean.float() for m in moments],
-                      [(m.m2 / m.n).sqrt().float() for m in moments], "channel", count)
+    return _finalize(names, moments, count, "channel")

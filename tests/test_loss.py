@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import medic_fast
-from medic_fast import reference
 
 FAST = ["cpp", "triton"]
 ALL = ["reference", "cpp", "triton"]
