@@ -2,7 +2,6 @@
 (against a plain PyTorch reference, under autocast, checkpointing, DDP, torch.compile)."""
 import copy
 import gc
-import os
 import weakref
 
 import pytest
@@ -268,10 +267,10 @@ def test_token_trigger(data):
     assert hits.all()
 
 
-def _ddp_worker(rank, world, port, result):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _ddp_worker(rank, world, init_file, result):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
     try:
         X, y = make_sequences(48, length=16, min_length=4, seed=0)
         teacher, student = _models()
@@ -283,21 +282,23 @@ def _ddp_worker(rank, world, port, result):
             # numpy arrays pickle by value (tensors would pass file descriptors that die with us)
             result.put([[x.numpy() for x in xs] for xs in
                         (stats.mean, stats.std, [p.grad for p in student.parameters()])])
+        dist.barrier()  # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes(data, stats):
+def test_ddp_two_processes(data, stats, tmp_path):
     X, y = data
     ctx = mp.get_context("spawn")
     result = ctx.Queue()
-    port = 29500 + os.getpid() % 1000
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, result)) for r in range(2)]
+    init_file = tmp_path / "rendezvous"
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(init_file), result))
+             for r in range(2)]
     for p in procs:
         p.start()
-    means, stds, grads = ([torch.from_numpy(a) for a in xs] for xs in result.get(timeout=120))
+    means, stds, grads = ([torch.from_numpy(a) for a in xs] for xs in result.get(timeout=300))
     for p in procs:
-        p.join(60)
+        p.join(300)
         assert p.exitcode == 0
     for a, b in zip(means + stds, stats.mean + stats.std):
         assert torch.allclose(a, b, atol=1e-5)
