@@ -130,7 +130,7 @@ def _build_and_load(verbose: bool) -> str:
     cpp_extension.load(
         name="medic_fast_C",
         sources=[str(s) for s in srcs],
-        extra_cflags=_cflags(),
+        extra_cflags=_cflags() + (["-DMEDIC_FAST_WITH_CUDA"] if with_cuda else []),
         extra_cuda_cflags=["-O3", "-lineinfo"],
         extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(source_dir())],

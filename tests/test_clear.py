@@ -1,4 +1,5 @@
 """CLEAR: the batched pocket search (extension vs reference), cuts, scan, patch, and errors."""
+import contextlib
 import json
 import math
 import shutil
@@ -24,14 +25,22 @@ def _has_extension():
 needs_ext = pytest.mark.skipif(not _has_extension(), reason="the C++ extension did not build")
 
 
+@contextlib.contextmanager
+def _threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """These problems are small: one thread runs them fastest and is not slowed down by other
     processes on a shared machine. Threads are tested on their own below."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with _threads(1):
+        yield
 
 
 def _problems(shape, classes, q=60, k=5, seed=0):
@@ -265,13 +274,15 @@ def test_cut_errors_are_explained():
 @pytest.fixture(scope="module")
 def digits():
     from medic_fast.clear.demo import digits_task
-    return digits_task(4, poisoned=True), digits_task(4, poisoned=False)
+    with _threads(1):  # module fixtures are set up before the autouse one above
+        return digits_task(4, poisoned=True), digits_task(4, poisoned=False)
 
 
 @pytest.fixture(scope="module")
 def swiss():
     from medic_fast.clear.demo import swiss_roll_task
-    return swiss_roll_task(5, poisoned=True), swiss_roll_task(5, poisoned=False)
+    with _threads(1):
+        return swiss_roll_task(5, poisoned=True), swiss_roll_task(5, poisoned=False)
 
 
 @pytest.mark.parametrize("task", ["swiss", "digits"])
