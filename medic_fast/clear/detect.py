@@ -22,7 +22,7 @@ __all__ = ["scan", "ScanReport", "DEFAULTS", "BOX_SLACK"]
 
 # alpha: weight of the compactness term; steps: SGD steps per search; margin: how far the winning
 # logit must lead for a test to pass. Chosen on the demo tasks with seeds 100-105 (evaluated on
-# seeds 0-9 in benchmarks/bench_clear.py; benchmarks/RESULTS_clear.md has the figures): a large
+# seeds 0-9 in benchmarks/bench_clear.py; benchmarks/RESULTS.md §4 has the figures): a large
 # alpha keeps hulls tight, which is what tells a planted pocket from the wiggles of a clean
 # boundary; a margin keeps ties and near-ties out; at lr_scale = 1e-3 it takes a few hundred
 # steps for the centroid to travel from the confident anchors to a pocket.
