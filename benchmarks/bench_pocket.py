@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medic_fast.clear.search import pocket_search
+
+from bench_loss import median_ms  # benchmarks/ is the script's directory
 
 
 def mlp_head(sizes):
@@ -67,14 +67,8 @@ def gemm_rate(repeats) -> float:
 
 
 def timeit(fn, repeats, warmup=1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    """Median seconds of ``fn`` (bench_loss.median_ms, in seconds)."""
+    return median_ms(fn, repeats, warmup) / 1e3
 
 
 def problems(classes, restarts, k, feat, seed=0):
