@@ -236,9 +236,12 @@ acc merge(const Partial<acc>* p, int64_t nch, double row_scale, acc* factors) {
   return N * norm;
 }
 
+// Multiplies chunk k of row b's gradient by f.
 template <typename T>
-void scale(T* p, int64_t n, typename IO<T>::acc f) {
+void scale_chunk(const Layer& L, int64_t b, int64_t k, typename IO<T>::acc f) {
   using V = typename IO<T>::V;
+  T* p = static_cast<T*>(L.dc) + b * L.m + k * kChunk;
+  const int64_t n = std::min(kChunk, L.m - k * kChunk);
   const V vf(f);
   for (int64_t j = 0; j < n; j += V::size()) {
     const int64_t cnt = std::min<int64_t>(V::size(), n - j);
@@ -247,13 +250,13 @@ void scale(T* p, int64_t n, typename IO<T>::acc f) {
   }
 }
 
-// Picks the chunk instantiation for the layer's options (all loop-invariant).
+// Chunk k of a row, with the instantiation for the layer's options (all loop-invariant).
 template <typename T>
-Partial<typename IO<T>::acc> chunk_any(const Layer& L, int64_t row, int64_t i0, int64_t i1,
-                                       double tau, bool is_signed,
-                                       typename IO<T>::acc* scratch) {
+Partial<typename IO<T>::acc> chunk_any(const Layer& L, int64_t row, int64_t k, double tau,
+                                       bool is_signed, typename IO<T>::acc* scratch) {
   using acc = typename IO<T>::acc;
   const acc tau_ = acc(tau);
+  const int64_t i0 = k * kChunk, i1 = std::min(L.m, i0 + kChunk);
   auto go = [&](auto per_neuron, auto grad) {
     constexpr bool kPN = decltype(per_neuron)::value, kG = decltype(grad)::value;
     if (tau == 0) return chunk<T, false, true, kPN, kG>(L, row, i0, i1, tau_, scratch);
@@ -276,15 +279,10 @@ void rows_task(const Layer& L, int64_t b0, int64_t b1, double tau, bool is_signe
   std::vector<Partial<acc>> parts(nch);
   std::vector<acc> factors(L.dc ? nch : 0);
   for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t k = 0; k < nch; ++k)
-      parts[k] = chunk_any<T>(L, b, k * kChunk, std::min(L.m, (k + 1) * kChunk), tau, is_signed,
-                              scratch.data());
+    for (int64_t k = 0; k < nch; ++k) parts[k] = chunk_any<T>(L, b, k, tau, is_signed, scratch.data());
     row_loss[b] = merge<acc>(parts.data(), nch, L.row_scale, L.dc ? factors.data() : nullptr);
-    if (L.dc) {
-      T* dc = static_cast<T*>(L.dc) + b * L.m;
-      for (int64_t k = 0; k < nch; ++k)
-        scale<T>(dc + k * kChunk, std::min(kChunk, L.m - k * kChunk), factors[k]);
-    }
+    if (L.dc)
+      for (int64_t k = 0; k < nch; ++k) scale_chunk<T>(L, b, k, factors[k]);
   }
 }
 
@@ -297,9 +295,7 @@ void split_rows(const Layer& L, double tau, bool is_signed, typename IO<T>::acc*
   at::parallel_for(0, L.rows * nch, 1, [&](int64_t j0, int64_t j1) {
     std::vector<acc> scratch(4 * (kChunk + IO<T>::V::size()));
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t b = j / nch, k = j % nch;
-      parts[j] = chunk_any<T>(L, b, k * kChunk, std::min(L.m, (k + 1) * kChunk), tau, is_signed,
-                              scratch.data());
+      parts[j] = chunk_any<T>(L, j / nch, j % nch, tau, is_signed, scratch.data());
     }
   });
   std::vector<acc> factors(L.dc ? L.rows * nch : 0);
@@ -308,11 +304,7 @@ void split_rows(const Layer& L, double tau, bool is_signed, typename IO<T>::acc*
                              L.dc ? factors.data() + b * nch : nullptr);
   if (!L.dc) return;
   at::parallel_for(0, L.rows * nch, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t b = j / nch, k = j % nch;
-      T* dc = static_cast<T*>(L.dc) + b * L.m + k * kChunk;
-      scale<T>(dc, std::min(kChunk, L.m - k * kChunk), factors[j]);
-    }
+    for (int64_t j = j0; j < j1; ++j) scale_chunk<T>(L, j / nch, j % nch, factors[j]);
   });
 }
 
