@@ -255,13 +255,14 @@ def _backward(ctx, grad_loss, _grad_dc):
     saved = ctx.saved_tensors
     inputs = [list(saved[i * n:(i + 1) * n]) for i in range(6)]
     dc = list(saved[6 * n:])
-    inner, tau, signed, row_scale, reduce_rows, need_grad, backend = ctx.args
+    inner, tau, signed, row_scale, reduce_rows, _, backend = ctx.args
     none = [None] * n
     if grad_loss is None:
         return none, none, none, none, none, none, None, None, None, None, None, None, None
     scale = grad_loss if reduce_rows else grad_loss[:, None]
     if torch.compiler.is_compiling():
-        dc = [d * scale.to(d.dtype) for d in dc]
+        # Multiply with the fp32 scale as eager does (Inductor fuses it into one pass).
+        dc = [(d * scale).to(d.dtype) for d in dc]
     else:
         if ctx.handed_over:
             _, dc = _fused_loss(*inputs, inner, tau, signed, row_scale, reduce_rows, True, backend)
