@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from medic_fast.capture import ActivationCapture, resolve_layers, teacher_signals
+from medic_fast.capture import ActivationCapture, eval_mode, resolve_layers, teacher_signals
 from medic_fast.data import make_loader
 from medic_fast.loss import CRITERIA, importance_clone_loss
-from medic_fast.stats import LayerStats, _device_of, _finalize, _Moments, _shard
+from medic_fast.stats import LayerStats, _finalize, _Moments, _shard, device_of
 
 __all__ = ["Cloner", "TokenCapture", "collect_token_stats", "masked_clone_loss", "inner_module"]
 
@@ -215,7 +215,7 @@ class Cloner:
         if list(stats.layers) != names:
             raise ValueError(f"stats are for layers {stats.layers}, but layers is {names}")
         self.layers = names
-        self.stats = stats.to(_device_of(inner_module(student), None))
+        self.stats = stats.to(device_of(inner_module(student)))
         self.tau, self.lam, self.criterion = float(tau), float(lam), criterion
         self.start_dim, self.backend = start_dim, backend
         self._tcap = TokenCapture(self.teacher, names, select=select, differentiable=True)
@@ -234,16 +234,10 @@ class Cloner:
         compiled frame): in a compiled step it runs eagerly, while a ``torch.compile``-d
         student (or teacher) passed to the Cloner runs its compiled code with the hooks.
         """
-        modes = {m: m.training for m in self.teacher.modules()}
-        self.teacher.eval()
-        try:
-            with self._tcap as tcap, self._ccap as ccap:
-                acts_t, grads = teacher_signals(self.teacher, tcap, inputs, labels)
-                ce = F.cross_entropy(self.student(inputs), labels)
-                acts_c = ccap.outputs()
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        with eval_mode(self.teacher), self._tcap as tcap, self._ccap as ccap:
+            acts_t, grads = teacher_signals(self.teacher, tcap, inputs, labels)
+            ce = F.cross_entropy(self.student(inputs), labels)
+            acts_c = ccap.outputs()
         if torch.is_grad_enabled():
             frozen = [n for n, c in zip(self.layers, acts_c) if not c.requires_grad]
             if frozen:
@@ -294,29 +288,23 @@ def collect_token_stats(model: nn.Module, data, layers: Sequence[str], *,
                         f"{type(mask_fn).__name__}")
     model = inner_module(model)
     names = resolve_layers(model, layers)
-    device = _device_of(model, device)
+    device = device_of(model, device)
     loader = make_loader(data, batch_size=batch_size, shard=_shard())
     moments = [_Moments() for _ in names]
     count = 0
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with TokenCapture(model, names, select=select) as cap:
-            for batch in loader:
-                x = batch[0].to(device)
-                model(x)
-                mask = None if mask_fn is None else _check_mask(mask_fn(x), x)
-                for name, mom, a in zip(names, moments, cap.outputs()):
-                    if a.dim() == 3 and mask is not None:
-                        if a.shape[:2] != mask.shape:
-                            raise ValueError(f"mask_fn gave shape {tuple(mask.shape)} but layer "
-                                             f"{name!r} has [B, T] = {tuple(a.shape[:2])}")
-                        a = a[mask.bool()]
-                    elif a.dim() == 3:
-                        a = a.reshape(-1, a.shape[-1])
-                    mom.add_batch(a, "channel")
-                count += x.shape[0]
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model), TokenCapture(model, names, select=select) as cap:
+        for batch in loader:
+            x = batch[0].to(device)
+            model(x)
+            mask = None if mask_fn is None else _check_mask(mask_fn(x), x)
+            for name, mom, a in zip(names, moments, cap.outputs()):
+                if a.dim() == 3 and mask is not None:
+                    if a.shape[:2] != mask.shape:
+                        raise ValueError(f"mask_fn gave shape {tuple(mask.shape)} but layer "
+                                         f"{name!r} has [B, T] = {tuple(a.shape[:2])}")
+                    a = a[mask.bool()]
+                elif a.dim() == 3:
+                    a = a.reshape(-1, a.shape[-1])
+                mom.add_batch(a, "channel")
+            count += x.shape[0]
     return _finalize(names, moments, count, "channel")

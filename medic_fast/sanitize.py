@@ -26,7 +26,7 @@ from medic_fast.capture import (ActivationCapture, eval_mode, inplace_modified, 
                                 teacher_signals)
 from medic_fast.data import _check_pair, make_loader, set_epoch
 from medic_fast.loss import CRITERIA, importance_clone_loss
-from medic_fast.stats import PER, LayerStats, _collect, _device_of, _shard
+from medic_fast.stats import PER, LayerStats, _collect, _shard, device_of
 
 __all__ = ["Result", "sanitize", "finetune", "train_from_scratch", "evaluate"]
 
@@ -90,7 +90,7 @@ def evaluate(model: nn.Module, X: Tensor, y: Tensor, *, trigger: Optional[Callab
     _check_pair(X, y, "(X, y)")
     _check_trigger(trigger, target)
     loader = make_loader((X, y), batch_size=batch_size)
-    return _evaluate_loader(model, loader, trigger, target, _device_of(model, None))
+    return _evaluate_loader(model, loader, trigger, target, device_of(model))
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def _setup(model, data, batch_size, seed, device, eval_data):
     """Device, training loader (shuffled, sharded under DDP) and evaluation loader."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    device = _device_of(model, device)
+    device = device_of(model, device)
     loader = make_loader(data, batch_size=batch_size, shuffle=True, seed=seed, shard=_shard())
     eval_loader = None if eval_data is None else make_loader(eval_data, batch_size=512,
                                                              name="eval_data")

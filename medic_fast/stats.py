@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from medic_fast.capture import ActivationCapture, eval_mode, inplace_modified, resolve_layers
 from medic_fast.data import make_loader
 
-__all__ = ["LayerStats", "collect_stats"]
+__all__ = ["LayerStats", "collect_stats", "device_of"]
 
 PER = ("channel", "neuron")
 
@@ -112,7 +112,7 @@ def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None
         raise ValueError(f"per must be one of {PER}, got {per!r}")
     names = resolve_layers(model, layers)
     return _collect(model, make_loader(data, batch_size=batch_size, shard=_shard()), names, per,
-                    _device_of(model, device))
+                    device_of(model, device))
 
 
 def _collect(model: nn.Module, loader, names: List[str], per: str, device,
@@ -155,7 +155,8 @@ def _shard():
     return None
 
 
-def _device_of(model: nn.Module, device) -> torch.device:
+def device_of(model: nn.Module, device=None) -> torch.device:
+    """``device`` if given, else where ``model``'s parameters are (CPU for none)."""
     if device is not None:
         return torch.device(device)
     p = next(model.parameters(), None)

@@ -1,6 +1,5 @@
 """Helpers of CLEAR: batches of the accepted data forms (a ``Dataset``, a ``DataLoader``, or an
-``(X, y)`` pair of tensors), and running a model in eval mode while catching the input of one of
-its modules."""
+``(X, y)`` pair of tensors), and catching the input of one of a model's modules."""
 from __future__ import annotations
 
 import contextlib
@@ -21,23 +20,6 @@ def batches(data, batch_size: int = BATCH) -> Iterator[Tuple[Tensor, Tensor]]:
             raise TypeError("data must yield (inputs, labels, ...) batches, got "
                             f"{type(item).__name__}")
         yield item[0], torch.as_tensor(item[1])
-
-
-def device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put every submodule in eval mode, and restore each one's own mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.train(mode)
 
 
 @contextlib.contextmanager
