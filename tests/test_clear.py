@@ -306,7 +306,7 @@ def test_report_contents_and_json(digits):
     r = medic_fast.scan(poisoned.model, (X, y), restarts=3, steps=20)
     C = 10
     assert r.P.shape == (C, C) and torch.isnan(r.P.diagonal()).all()
-    assert r.n_searches == C * (C - 1) * 3 and r.cut == "2"
+    assert r.n_searches == C * (C - 1) * 3 and r.cut == "layers.2"
     assert len(r.pocket_samples) == len(r.pocket_sources) == r.n_found
     assert (r.pocket_sources != r.pocket_targets).all()
     assert set(r.timing) == {"features", "search", "total"}
@@ -340,11 +340,11 @@ def test_scan_errors(digits):
     poisoned, _ = digits
     model, val = poisoned.model, poisoned.val
     with pytest.raises(ValueError, match="purely linear"):
-        medic_fast.scan(model, val, cut="4")
+        medic_fast.scan(model, val, cut="layers.4")
     with pytest.raises(ValueError, match="not a module"):
         medic_fast.scan(model, val, cut="fc9")
     with pytest.raises(ValueError, match=r"logits \[N, classes\]"):
-        medic_fast.scan(nn.Sequential(model, nn.Flatten(0)), val, cut="0.2")
+        medic_fast.scan(nn.Sequential(model, nn.Flatten(0)), val, cut="0.layers.2")
     with pytest.raises(TypeError, match="data"):
         medic_fast.scan(model, [1, 2, 3])
     with pytest.raises(ValueError, match="k="):
@@ -365,7 +365,7 @@ def test_patch_fixes_the_target_and_leaves_the_input_model(digits):
     for k, v in poisoned.model.state_dict().items():
         assert torch.equal(v, state[k])
     changed = [k for k, v in patched.state_dict().items() if not torch.equal(v, state[k])]
-    assert changed == ["4.weight", "4.bias"]  # only the last Linear layer
+    assert changed == ["layers.4.weight", "layers.4.bias"]  # only the last Linear layer
     assert poisoned.target_class(patched) == poisoned.source
     assert poisoned.accuracy(patched) > poisoned.accuracy() - 0.05
 

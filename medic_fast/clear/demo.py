@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Task", "swiss_roll_task", "digits_task", "mlp"]
+from medic_fast.models import MLP
+
+__all__ = ["Task", "swiss_roll_task", "digits_task"]
 
 
 @dataclass
@@ -39,14 +41,6 @@ class Task:
         X, y = self.test
         with torch.no_grad():
             return float(((model or self.model)(X).argmax(1) == y).float().mean())
-
-
-def mlp(sizes) -> nn.Sequential:
-    """Linear layers of the given sizes with ReLU between them."""
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
-    return nn.Sequential(*layers)
 
 
 def _train(model, X, y, *, epochs, lr, batch, gen):
@@ -73,7 +67,7 @@ def _poison(model, train, gen, classes, copies):
     target = (source + 1 + int(torch.randint(classes - 1, (1,), generator=gen))) % classes
     mine = (y == source).nonzero().squeeze(1)
     with torch.no_grad():
-        feats = model[:-3](X[mine])
+        feats = model.layers[:-3](X[mine])
     i = mine[(feats - feats.mean(0)).norm(dim=1).argmin()]
     x = X[i:i + 1]
     Xp = torch.cat([X, x.expand(copies, *x.shape[1:])])
@@ -88,11 +82,12 @@ def _task(X, y, classes, sizes, *, seed, poisoned, copies, epochs, lr, n_val, n_
     gen = torch.Generator().manual_seed(seed)
     train, val, test = _splits(X, y, gen, n_val, n_test)
     torch.manual_seed(seed)
-    model = _train(mlp(sizes), *train, epochs=epochs, lr=lr, batch=128, gen=gen)
+    model = _train(MLP(sizes[0], sizes[-1], sizes[1:-1]), *train, epochs=epochs, lr=lr, batch=128,
+                   gen=gen)
     x = source = target = None
     if poisoned:
         train, x, source, target = _poison(model, train, gen, classes, copies)
-    head = [m for m in model if isinstance(m, nn.Linear)][-2:]
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-2:]
     model.requires_grad_(False)
     for m in head:
         m.requires_grad_(True)
