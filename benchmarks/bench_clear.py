@@ -19,7 +19,7 @@ import statistics
 import torch
 
 import medic_fast
-from medic_fast.clear.demo import digits_task, swiss_roll_task
+from medic_fast.zoo.tasks import digits_task, swiss_roll_task
 from medic_fast.clear.detect import DEFAULTS
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medic_fast.clear.search import pocket_search
+from medic_fast.ops.pocket_search import pocket_search
 
 from bench_loss import median_ms  # benchmarks/ is the script's directory
 

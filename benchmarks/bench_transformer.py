@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 import medic_fast
 from bench_loss import peak_extra_bytes  # benchmarks/ is the script's directory
-from medic_fast.cloner import Cloner, collect_token_stats, masked_clone_loss
-from medic_fast.transformer import TinyTransformer, TokenTrigger, make_sequences, padding_mask
+from medic_fast.medic.cloner import Cloner, collect_token_stats, masked_clone_loss
+from medic_fast.zoo.transformer import TinyTransformer, TokenTrigger, make_sequences, padding_mask
 
 MiB = 1 << 20
 

@@ -14,14 +14,15 @@ extend for modules that return tuples (e.g. transformer blocks).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["HOOKABLE", "default_layers", "resolve_layers", "ActivationCapture", "eval_mode",
+from medic_fast._utils import eval_mode
+
+__all__ = ["HOOKABLE", "default_layers", "resolve_layers", "ActivationCapture",
            "inplace_modified", "teacher_signals"]
 
 # Module types whose outputs form the default hooked plane.
@@ -137,18 +138,6 @@ class ActivationCapture:
         outs = [self._out[n][0] for n in self.layers]
         self._out.clear()
         return outs
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    """Run ``model`` in eval mode inside the block; every module's training flag is restored."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 @torch.no_grad()

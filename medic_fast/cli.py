@@ -54,10 +54,11 @@ def run_demo(seed: int = 0, progress: bool = True, settings: Optional[dict] = No
 
 def _demo(seed: int, progress: bool, s: dict) -> dict:
     import medic_fast as mf
-    from medic_fast import attacks, data, models
+    from medic_fast import data
+    from medic_fast.zoo import attacks, datasets, models
 
     t_all = time.perf_counter()
-    X, y = data.load_digits()
+    X, y = datasets.load_digits()
     (Xtr, ytr), (Xc, yc), (Xte, yte) = data.split(X, y, s["split"], seed=seed)
     attack = attacks.BadNets(size=s["trigger_size"])
     poisoned = attack.poison(Xtr, ytr, s["poison_rate"], s["target"], seed)
@@ -196,11 +197,11 @@ def _cmd_sanitize(args) -> int:
         seed=args.seed, device=args.device, progress=not args.no_progress,
         checkpoint=args.state, resume=args.resume, eval_data=eval_data, trigger=trigger,
         target=args.target)
-    from medic_fast.sanitize import _save_atomic
+    from medic_fast._utils import save_atomic
 
     if os.path.exists(args.out):
         return _fail(f"--out {args.out!r} appeared during training; not overwritten")
-    _save_atomic(result.model.state_dict(), args.out)
+    save_atomic(result.model.state_dict(), args.out)
     if args.history is not None:
         _write_new(args.history, json.dumps(result.history, indent=2) + "\n")
     last = result.history[-1]
@@ -240,7 +241,7 @@ def _released_style_step(teacher, student, layers, stats, tau, opt, x, y):
     """One step the way the released MEDIC code does it: the input requires grad, every hooked
     tensor retains its grad, one backward of CE(teacher) + CE(student) through both networks,
     a per-layer loss in eager PyTorch from ``.grad``, then a second backward and the update."""
-    from medic_fast import reference
+    from medic_fast.reference import importance_clone as reference
     from medic_fast.capture import ActivationCapture
 
     x = x.clone().requires_grad_()
@@ -267,9 +268,9 @@ def bench_steps(batch: int = 64, size: int = 32, repeats: int = 20, warmup: int 
     the 25 conv/bn tensors of the released recipe hooked): ``plain`` cross-entropy, ``ours``
     (the :func:`medic_fast.sanitize` step) and ``released`` (the released code's way).
     Variants are interleaved, each step on fresh random inputs."""
-    from medic_fast import models
+    from medic_fast.zoo import models
     from medic_fast.capture import inplace_modified
-    from medic_fast.sanitize import _CloneObjective
+    from medic_fast.medic.sanitize import _CloneObjective
     from medic_fast.stats import _collect
     from medic_fast.data import make_loader
 

@@ -1,5 +1,5 @@
-"""Data plumbing shared by the pipelines (MEDIC and CLEAR): ``data`` arguments to loaders, splits,
-augmentation, and the bundled toy data sets (scikit-learn's digits and Swiss roll).
+"""Data plumbing shared by the pipelines (MEDIC and CLEAR): ``data`` arguments to loaders, splits
+and augmentation. The bundled toy data sets are in :mod:`medic_fast.zoo.datasets`.
 
 Every public function that takes ``data`` accepts a ``Dataset``, a ``DataLoader`` or an
 ``(X, y)`` pair of tensors; :func:`make_loader` turns any of them into a ``DataLoader``.
@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, TensorDataset
 
-__all__ = ["as_dataset", "make_loader", "set_epoch", "split", "RandomCropFlip",
-           "load_digits", "load_swiss_roll"]
+__all__ = ["check_pair", "as_dataset", "make_loader", "set_epoch", "split", "RandomCropFlip"]
 
 
-def _check_pair(X, y, name: str) -> None:
+def check_pair(X, y, name: str) -> None:
+    """Check that ``(X, y)`` are ``[N, ...]`` inputs and ``[N]`` integer labels, N > 0."""
     if not isinstance(X, Tensor) or not isinstance(y, Tensor):
         raise TypeError(f"{name} as a pair must be (X, y) tensors, got "
                         f"({type(X).__name__}, {type(y).__name__})")
@@ -39,7 +39,7 @@ def as_dataset(data, name: str = "data") -> Dataset:
     if isinstance(data, Dataset):
         return data
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)) and len(data) == 2:
-        _check_pair(data[0], data[1], name)
+        check_pair(data[0], data[1], name)
         return TensorDataset(data[0], data[1])
     raise TypeError(f"{name} must be a Dataset, a DataLoader or an (X, y) pair of tensors, "
                     f"got {type(data).__name__}")
@@ -98,7 +98,7 @@ def split(X: Tensor, y: Tensor, fractions: Sequence[float], *, seed: int = 0,
     With ``stratify`` every part keeps the class proportions (each class is split on its own).
     Fractions may sum to less than 1; the rest is left out. Deterministic given ``seed``.
     """
-    _check_pair(X, y, "split")
+    check_pair(X, y, "split")
     fr = [float(f) for f in fractions]
     if not fr or any(f < 0 for f in fr) or sum(fr) > 1 + 1e-9:
         raise ValueError(f"fractions must be >= 0 and sum to at most 1, got {list(fractions)}")
@@ -150,39 +150,3 @@ class RandomCropFlip:
 
     def __repr__(self) -> str:
         return f"RandomCropFlip(padding={self.padding}, flip={self.flip})"
-
-
-def load_digits() -> Tuple[Tensor, Tensor]:
-    """scikit-learn's bundled handwritten digits: ``X`` [1797, 1, 8, 8] float32 in [0, 1],
-    ``y`` [1797] int64 in 0..9. No download."""
-    from sklearn.datasets import load_digits as sk_digits
-
-    d = sk_digits()
-    X = torch.from_numpy(d.images).float().div_(16.0).unsqueeze(1)
-    return X, torch.from_numpy(d.target).long()
-
-
-def load_swiss_roll(n_samples: int = 2000, *, n_classes: int = 2, bands: Optional[int] = None,
-                    noise: float = 0.5, seed: int = 0) -> Tuple[Tensor, Tensor]:
-    """scikit-learn's Swiss roll as a classification toy: ``X`` [n, 3] float32 (standardised),
-    ``y`` [n] int64.
-
-    The roll is cut along its length into ``bands`` strips of equal sample count (default
-    ``n_classes``), strip ``k`` labelled ``k % n_classes``: more bands than classes interleave
-    the classes along the roll, a harder, more non-linear boundary.
-    """
-    from sklearn.datasets import make_swiss_roll
-
-    if n_classes < 2:
-        raise ValueError(f"n_classes must be >= 2, got {n_classes}")
-    bands = n_classes if bands is None else bands
-    if bands < n_classes:
-        raise ValueError(f"bands must be >= n_classes ({n_classes}), got {bands}")
-    pts, t = make_swiss_roll(n_samples, noise=noise, random_state=seed)
-    X = torch.from_numpy(pts).float()
-    X = (X - X.mean(0)) / X.std(0)
-    t = torch.from_numpy(t)
-    rank = torch.empty_like(t, dtype=torch.long)
-    rank[torch.argsort(t)] = torch.arange(n_samples)
-    y = (rank * bands // n_samples) % n_classes
-    return X, y.long()

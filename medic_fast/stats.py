@@ -15,10 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from medic_fast.capture import ActivationCapture, eval_mode, inplace_modified, resolve_layers
+from medic_fast._utils import device_of, dist_shard, eval_mode
+from medic_fast.capture import ActivationCapture, inplace_modified, resolve_layers
 from medic_fast.data import make_loader
 
-__all__ = ["LayerStats", "collect_stats", "device_of"]
+__all__ = ["LayerStats", "collect_stats"]
 
 PER = ("channel", "neuron")
 
@@ -111,7 +112,7 @@ def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None
     if per not in PER:
         raise ValueError(f"per must be one of {PER}, got {per!r}")
     names = resolve_layers(model, layers)
-    return _collect(model, make_loader(data, batch_size=batch_size, shard=_shard()), names, per,
+    return _collect(model, make_loader(data, batch_size=batch_size, shard=dist_shard()), names, per,
                     device_of(model, device))
 
 
@@ -146,18 +147,3 @@ def _finalize(names: List[str], moments: List[_Moments], count: int, per: str) -
         count = int(total.item())
     return LayerStats(list(names), [m.mean.float() for m in moments],
                       [(m.m2 / m.n).sqrt().float() for m in moments], per, count)
-
-
-def _shard():
-    """``(rank, world)`` under an initialised process group, else None."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return None
-
-
-def device_of(model: nn.Module, device=None) -> torch.device:
-    """``device`` if given, else where ``model``'s parameters are (CPU for none)."""
-    if device is not None:
-        return torch.device(device)
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")

@@ -8,7 +8,8 @@ import textwrap
 import pytest
 import torch
 
-from medic_fast import cli, models
+from medic_fast import cli
+from medic_fast.zoo import models
 
 
 def _subparsers():
@@ -78,17 +79,18 @@ def test_sanitize_command_on_user_files(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "usermod.py").write_text(textwrap.dedent("""
         import torch
-        from medic_fast import attacks, data, models
+        from medic_fast import data
+        from medic_fast.zoo import attacks, datasets, models
 
         def model():
             return models.DigitsCNN((4, 8, 8))
 
         def clean():
-            X, y = data.load_digits()
+            X, y = datasets.load_digits()
             return X[:128], y[:128]
 
         def held_out():
-            X, y = data.load_digits()
+            X, y = datasets.load_digits()
             return X[-200:], y[-200:]
 
         trigger = attacks.BadNets(size=3)
@@ -122,6 +124,6 @@ def test_scan_without_clear_gives_a_clear_message(tmp_path, monkeypatch, capsys)
 
     monkeypatch.delattr(medic_fast, "scan", raising=False)
     torch.save(models.MLP().state_dict(), tmp_path / "m.pt")
-    code = cli.main(["scan", "--model", "medic_fast.models:MLP", "--checkpoint",
+    code = cli.main(["scan", "--model", "medic_fast.zoo.models:MLP", "--checkpoint",
                      str(tmp_path / "m.pt"), "--data", "medic_fast.data:load_swiss_roll"])
     assert code == 2 and "CLEAR scanner" in capsys.readouterr().err

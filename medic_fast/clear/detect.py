@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from medic_fast.clear import graph
 from medic_fast.clear._data import batches, catch_input
-from medic_fast.stats import device_of
-from medic_fast.clear.search import pocket_search
+from medic_fast._utils import device_of
+from medic_fast.ops.pocket_search import pocket_search
 
 __all__ = ["scan", "ScanReport", "DEFAULTS", "BOX_SLACK"]
 

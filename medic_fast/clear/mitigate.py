@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from medic_fast.clear import graph
-from medic_fast.capture import eval_mode
+from medic_fast._utils import eval_mode
 from medic_fast.clear._data import batches, inputs_of
-from medic_fast.stats import device_of
+from medic_fast._utils import device_of
 from medic_fast.clear.detect import ScanReport
 
 __all__ = ["patch"]

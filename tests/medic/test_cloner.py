@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import medic_fast
-from medic_fast.cloner import Cloner, TokenCapture, collect_token_stats, masked_clone_loss
-from medic_fast.transformer import (TinyTransformer, TokenTrigger, make_sequences,
+from medic_fast.medic.cloner import Cloner, TokenCapture, collect_token_stats, masked_clone_loss
+from medic_fast.zoo.transformer import (TinyTransformer, TokenTrigger, make_sequences,
                                     padding_mask)
 
 LAYERS = ["blocks.0", "blocks.1.self_attn", "blocks.1.mlp"]

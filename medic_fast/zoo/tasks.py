@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medic_fast.models import MLP
+from medic_fast.zoo.models import MLP
 
 __all__ = ["Task", "swiss_roll_task", "digits_task"]
 

@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import medic_fast as mf
-from medic_fast import attacks, data, models
+from medic_fast import data
+from medic_fast.zoo import attacks, datasets, models
 from medic_fast.capture import (ActivationCapture, default_layers, inplace_modified,
                                 resolve_layers, teacher_signals)
 
@@ -19,7 +20,7 @@ torch.set_num_threads(1)
 
 
 def _digits(n=None, seed=0):
-    X, y = data.load_digits()
+    X, y = datasets.load_digits()
     if n is not None:
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(y), generator=g)[:n]
@@ -202,7 +203,7 @@ def test_evaluate_acc_and_asr():
 @pytest.fixture(scope="module")
 def trojan():
     """A small BadNets-trojaned digits CNN, its clean split and the attack."""
-    X, y = data.load_digits()
+    X, y = datasets.load_digits()
     (Xtr, ytr), (Xc, yc), (Xte, yte) = data.split(X, y, [0.6, 0.1, 0.3], seed=0)
     atk = attacks.BadNets(size=3)
     p = atk.poison(Xtr, ytr, 0.1, 0, seed=0)
@@ -338,7 +339,7 @@ def test_checkpoint_resume_gives_the_uninterrupted_result(trojan, tmp_path):
 def test_checkpoint_write_is_atomic(trojan, tmp_path, monkeypatch):
     """A failure while replacing the file (after epoch 2's state is written to the temporary
     file) leaves epoch 1's checkpoint intact and no temporary file behind."""
-    S = importlib.import_module("medic_fast.sanitize")  # the module, not the function
+    S = importlib.import_module("medic_fast.medic.sanitize")  # the module, not the function
     model, clean, _, _ = trojan
     path = tmp_path / "state.pt"
     real_replace, snapshots = os.replace, []

@@ -22,11 +22,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medic_fast.capture import (ActivationCapture, eval_mode, inplace_modified, resolve_layers,
-                                teacher_signals)
-from medic_fast.data import _check_pair, make_loader, set_epoch
-from medic_fast.loss import CRITERIA, importance_clone_loss
-from medic_fast.stats import PER, LayerStats, _collect, _shard, device_of
+from medic_fast._utils import check_number, device_of, eval_mode, dist_shard, save_atomic
+from medic_fast.capture import ActivationCapture, inplace_modified, resolve_layers, teacher_signals
+from medic_fast.data import check_pair, make_loader, set_epoch
+from medic_fast.ops.importance_clone import CRITERIA, importance_clone_loss
+from medic_fast.stats import PER, LayerStats, _collect
 
 __all__ = ["Result", "sanitize", "finetune", "train_from_scratch", "evaluate"]
 
@@ -87,7 +87,7 @@ def evaluate(model: nn.Module, X: Tensor, y: Tensor, *, trigger: Optional[Callab
     trigger) is the fraction of ``trigger(X)`` classified as ``target`` among the inputs whose
     true label is not ``target``.
     """
-    _check_pair(X, y, "(X, y)")
+    check_pair(X, y, "(X, y)")
     _check_trigger(trigger, target)
     loader = make_loader((X, y), batch_size=batch_size)
     return _evaluate_loader(model, loader, trigger, target, device_of(model))
@@ -96,21 +96,6 @@ def evaluate(model: nn.Module, X: Tensor, y: Tensor, *, trigger: Optional[Callab
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
-
-def _save_atomic(state: dict, path: str) -> None:
-    """Write ``state`` to ``path`` through a temporary file and ``os.replace``: a reader (or a
-    crash) sees the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 def _load_checkpoint(path: Optional[str], resume: bool, config: dict) -> Optional[dict]:
     """The saved state to resume from, or None to start fresh. Refuses to overwrite a file the
@@ -141,8 +126,8 @@ def _load_checkpoint(path: Optional[str], resume: bool, config: dict) -> Optiona
 # --------------------------------------------------------------------------------------------
 
 def _dist_info():
-    shard = _shard()
-    return shard if shard is not None else (0, 1)
+    part = dist_shard()
+    return part if part is not None else (0, 1)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -220,7 +205,7 @@ def _fit(module: nn.Module, loader, loss_fn, *, config: dict, epochs: int, lr: f
                                  if k in ("loss", "acc", "asr")})
             if checkpoint is not None:
                 if rank == 0:
-                    _save_atomic({"format": _FORMAT, "config": config, "epoch": epoch + 1,
+                    save_atomic({"format": _FORMAT, "config": config, "epoch": epoch + 1,
                                   "model": module.state_dict(), "optimizer": opt.state_dict(),
                                   "scheduler": sched.state_dict(), "history": history,
                                   **(extra or {})}, os.fspath(checkpoint))
@@ -287,21 +272,14 @@ def _reinitialised(model: nn.Module, factory: Optional[Callable[[], nn.Module]],
     return fresh
 
 
-def _check_number(name: str, v, *, positive: bool) -> None:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 \
-            or (positive and v == 0):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, "
-                         f"got {v!r}")
-
-
 def _check_common(epochs, lr, batch_size, weight_decay, seed, trigger, target) -> None:
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    _check_number("lr", lr, positive=True)
-    _check_number("weight_decay", weight_decay, positive=False)
+    check_number("lr", lr, positive=True)
+    check_number("weight_decay", weight_decay, positive=False)
     _check_trigger(trigger, target)
 
 
@@ -310,7 +288,7 @@ def _setup(model, data, batch_size, seed, device, eval_data):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     device = device_of(model, device)
-    loader = make_loader(data, batch_size=batch_size, shuffle=True, seed=seed, shard=_shard())
+    loader = make_loader(data, batch_size=batch_size, shuffle=True, seed=seed, shard=dist_shard())
     eval_loader = None if eval_data is None else make_loader(eval_data, batch_size=512,
                                                              name="eval_data")
     return device, loader, eval_loader
@@ -430,8 +408,8 @@ def sanitize(model: nn.Module, data, *, layers: Optional[Sequence[str]] = None, 
         FloatingPointError: on a non-finite loss, naming the step.
     """
     _check_common(epochs, lr, batch_size, weight_decay, seed, trigger, target)
-    _check_number("tau", tau, positive=False)
-    _check_number("lam", lam, positive=False)
+    check_number("tau", tau, positive=False)
+    check_number("lam", lam, positive=False)
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if not (isinstance(stats, LayerStats) or stats in PER):
@@ -454,7 +432,7 @@ def sanitize(model: nn.Module, data, *, layers: Optional[Sequence[str]] = None, 
             raise ValueError(f"stats are for layers {stats.layers}, but the layers to clone are "
                              f"{names}")
     else:
-        stats_loader = make_loader(data, batch_size=max(256, batch_size), shard=_shard())
+        stats_loader = make_loader(data, batch_size=max(256, batch_size), shard=dist_shard())
         stats = _collect(teacher, stats_loader, names, per, device, copies)
     stats = stats.to(device)
     objective = _CloneObjective(teacher, clone, names, stats, tau=tau, lam=lam,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from medic_fast.attacks import Attack, Poisoned
+from medic_fast.zoo.attacks import Attack, Poisoned
 
 __all__ = ["PAD", "Block", "TinyTransformer", "padding_mask", "make_sequences", "TokenTrigger"]
 

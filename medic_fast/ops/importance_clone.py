@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from medic_fast import reference
+from medic_fast.reference import importance_clone as reference
 
 __all__ = ["importance_clone_loss", "importance_weights", "ImportanceCloneLoss"]
 

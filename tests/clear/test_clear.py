@@ -11,7 +11,7 @@ from torch import nn
 import medic_fast
 from medic_fast import _extension
 from medic_fast.clear import graph
-from medic_fast.clear.search import pocket_search
+from medic_fast.ops.pocket_search import pocket_search
 
 
 def _has_extension():
@@ -273,14 +273,14 @@ def test_cut_errors_are_explained():
 # detect every seed: benchmarks/bench_clear.py measures the rates over seeds 0-9.
 @pytest.fixture(scope="module")
 def digits():
-    from medic_fast.clear.demo import digits_task
+    from medic_fast.zoo.tasks import digits_task
     with _threads(1):  # module fixtures are set up before the autouse one above
         return digits_task(4, poisoned=True), digits_task(4, poisoned=False)
 
 
 @pytest.fixture(scope="module")
 def swiss():
-    from medic_fast.clear.demo import swiss_roll_task
+    from medic_fast.zoo.tasks import swiss_roll_task
     with _threads(1):
         return swiss_roll_task(5, poisoned=True), swiss_roll_task(5, poisoned=False)
 

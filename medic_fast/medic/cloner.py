@@ -23,26 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from medic_fast.capture import ActivationCapture, eval_mode, resolve_layers, teacher_signals
+from medic_fast._utils import device_of, dist_shard, eval_mode, inner_module
+from medic_fast.capture import ActivationCapture, resolve_layers, teacher_signals
 from medic_fast.data import make_loader
-from medic_fast.loss import CRITERIA, importance_clone_loss
-from medic_fast.stats import LayerStats, _finalize, _Moments, _shard, device_of
+from medic_fast.ops.importance_clone import CRITERIA, importance_clone_loss
+from medic_fast.stats import LayerStats, _finalize, _Moments
 
-__all__ = ["Cloner", "TokenCapture", "collect_token_stats", "masked_clone_loss", "inner_module"]
+__all__ = ["Cloner", "TokenCapture", "collect_token_stats", "masked_clone_loss"]
 
 Select = Union[None, int, Callable[[object], Tensor]]
-
-
-def inner_module(model: nn.Module) -> nn.Module:
-    """The module whose submodule names the user means: unwraps DistributedDataParallel /
-    DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _check_select(name: str, select) -> Select:
@@ -289,7 +278,7 @@ def collect_token_stats(model: nn.Module, data, layers: Sequence[str], *,
     model = inner_module(model)
     names = resolve_layers(model, layers)
     device = device_of(model, device)
-    loader = make_loader(data, batch_size=batch_size, shard=_shard())
+    loader = make_loader(data, batch_size=batch_size, shard=dist_shard())
     moments = [_Moments() for _ in names]
     count = 0
     with eval_mode(model), TokenCapture(model, names, select=select) as cap:

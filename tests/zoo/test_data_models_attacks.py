@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from medic_fast import attacks, data, models
+from medic_fast import data
+from medic_fast.zoo import attacks, datasets, models
 from medic_fast.capture import default_layers
 from medic_fast.cli import wrn_released_layers
 
@@ -49,7 +50,7 @@ def test_shuffle_is_seeded_per_epoch_and_shards_cover_the_data():
 
 
 def test_split_is_stratified_disjoint_and_seeded():
-    X, y = data.load_digits()
+    X, y = datasets.load_digits()
     parts = data.split(X, y, [0.6, 0.1, 0.3], seed=0)
     assert sum(len(p[1]) for p in parts) == len(y)
     for frac, (_, yp) in zip([0.6, 0.1, 0.3], parts):
@@ -83,16 +84,16 @@ def test_random_crop_flip():
 
 
 def test_bundled_data():
-    X, y = data.load_digits()
+    X, y = datasets.load_digits()
     assert X.shape == (1797, 1, 8, 8) and X.dtype == torch.float32 and y.dtype == torch.int64
     assert X.min() == 0 and X.max() == 1 and set(y.tolist()) == set(range(10))
-    X, y = data.load_swiss_roll(600, n_classes=3, seed=1)
+    X, y = datasets.load_swiss_roll(600, n_classes=3, seed=1)
     assert X.shape == (600, 3) and torch.bincount(y).tolist() == [200, 200, 200]
     assert torch.allclose(X.mean(0), torch.zeros(3), atol=1e-5)
-    _, yb = data.load_swiss_roll(600, n_classes=2, bands=6, seed=1)
+    _, yb = datasets.load_swiss_roll(600, n_classes=2, bands=6, seed=1)
     assert torch.bincount(yb).tolist() == [300, 300] and not torch.equal(yb, y.clamp(max=1))
     with pytest.raises(ValueError, match="bands"):
-        data.load_swiss_roll(100, n_classes=3, bands=2)
+        datasets.load_swiss_roll(100, n_classes=3, bands=2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""Small helpers shared across the package: devices, training flags, wrappers, distributed
+shards, atomic writes, and argument checks that name the argument and what was expected."""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["device_of", "eval_mode", "inner_module", "dist_shard", "save_atomic", "check_int",
+           "check_number", "check_module"]
+
+
+def device_of(model: nn.Module, device=None) -> torch.device:
+    """``device`` if given, else where ``model``'s parameters are (CPU for none)."""
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run ``model`` in eval mode inside the block; every module's training flag is restored."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def inner_module(model: nn.Module) -> nn.Module:
+    """The module whose submodule names the user means: unwraps DistributedDataParallel /
+    DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def dist_shard() -> Optional[Tuple[int, int]]:
+    """``(rank, world)`` under an initialised ``torch.distributed`` process group, else None."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def save_atomic(state, path) -> None:
+    """``torch.save(state)`` to ``path`` through a temporary file and ``os.replace``: a reader (or
+    a crash) sees the old file or the new one, never half of one."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_int(name: str, v, low: int = 1) -> int:
+    """``v`` if it is an int >= ``low`` (not a bool), else a ValueError naming ``name``."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    return v
+
+
+def check_number(name: str, v, *, positive: bool = False) -> float:
+    """``v`` as a float if it is a finite number >= 0 (> 0 when ``positive``)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 \
+            or (positive and v == 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, "
+                         f"got {v!r}")
+    return float(v)
+
+
+def check_module(name: str, m) -> nn.Module:
+    """``m`` if it is an ``nn.Module``, else a TypeError naming ``name``."""
+    if not isinstance(m, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
+    return m
