@@ -279,7 +279,8 @@ void rows_task(const Layer& L, int64_t b0, int64_t b1, double tau, bool is_signe
   std::vector<Partial<acc>> parts(nch);
   std::vector<acc> factors(L.dc ? nch : 0);
   for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t k = 0; k < nch; ++k) parts[k] = chunk_any<T>(L, b, k, tau, is_signed, scratch.data());
+    for (int64_t k = 0; k < nch; ++k)
+      parts[k] = chunk_any<T>(L, b, k, tau, is_signed, scratch.data());
     row_loss[b] = merge<acc>(parts.data(), nch, L.row_scale, L.dc ? factors.data() : nullptr);
     if (L.dc)
       for (int64_t k = 0; k < nch; ++k) scale_chunk<T>(L, b, k, factors[k]);
@@ -326,17 +327,17 @@ at::Tensor empty_output(int64_t rows, int64_t m, const at::TensorOptions& opts) 
 #define MF_DISPATCH(dtype, NAME, ...)                                                   \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, NAME, __VA_ARGS__)
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> importance_clone_loss_fwd(
+std::tuple<at::Tensor, std::vector<at::Tensor>> importance_clone_loss_cpu(
     at::TensorList t, at::TensorList c, at::TensorList g, at::TensorList mu,
     at::TensorList inv_s, at::TensorList tau_s, at::IntArrayRef inner, double tau,
     bool is_signed, at::ArrayRef<double> row_scale, bool reduce_rows, bool need_grad) {
   const int64_t nl = static_cast<int64_t>(t.size());
-  TORCH_CHECK(nl > 0, "importance_clone_loss_fwd: no layers");
+  TORCH_CHECK(nl > 0, "importance_clone_loss: no layers");
   TORCH_CHECK(c.size() == t.size() && g.size() == t.size() && mu.size() == t.size() &&
                   inv_s.size() == t.size() && tau_s.size() == t.size() &&
                   static_cast<int64_t>(inner.size()) == nl &&
                   static_cast<int64_t>(row_scale.size()) == nl,
-              "importance_clone_loss_fwd: per-layer lists differ in length");
+              "importance_clone_loss: per-layer lists differ in length");
   const auto acc_dtype = t[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   std::vector<Layer> layers;
   std::vector<at::Tensor> dcs;
@@ -433,15 +434,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> importance_clone_loss_fwd(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(medic_fast_C, m) {
-  m.def(
-      "importance_clone_loss_fwd(Tensor[] t, Tensor[] c, Tensor[] g, Tensor[] mu, "
-      "Tensor[] inv_s, Tensor[] tau_s, int[] inner, float tau, bool signed, float[] row_scale, "
-      "bool reduce_rows, bool need_grad) -> (Tensor, Tensor[])");
-}
-
-TORCH_LIBRARY_IMPL(medic_fast_C, CPU, m) {
-  m.impl("importance_clone_loss_fwd", &importance_clone_loss_fwd);
+// The CPU kernel of medic_fast::importance_clone_loss. The op (schema, fake and autograd kernels)
+// is defined in Python, medic_fast/ops/importance_clone.py; the dispatcher takes a kernel before
+// or after its op's definition, so the order in which the two load does not matter.
+TORCH_LIBRARY_IMPL(medic_fast, CPU, m) {
+  m.impl("importance_clone_loss", &importance_clone_loss_cpu);
 }
 
 }  // namespace medic_fast

@@ -1,4 +1,5 @@
-// CLEAR's batched pocket search on the CPU (DESIGN.md §2). Three ops in torch.ops.medic_fast_C:
+// CLEAR's batched pocket search on the CPU (DESIGN.md §2): the CPU kernels of three ops of
+// torch.ops.medic_fast, defined (schemas and fake kernels) in medic_fast/ops/pocket_search.py:
 //
 // pocket_search_mlp     the whole search for a head that is a stack of Linear (+ ReLU) layers.
 //                       Problems are cut into tiles that the threads take one at a time; a thread
@@ -336,7 +337,8 @@ std::tuple<at::Tensor, at::Tensor> pocket_step_update_cpu(
               "rows must be float32 [active, k + 1, D]");
   const int64_t n = rows.size(0), r = rows.size(1), D = rows.size(2), k = r - 1;
   TORCH_CHECK(k >= 1, "rows must hold k >= 1 anchors and a centroid");
-  TORCH_CHECK(status.scalar_type() == at::kChar && status.numel() == n, "status must be int8 [active]");
+  TORCH_CHECK(status.scalar_type() == at::kChar && status.numel() == n,
+              "status must be int8 [active]");
   TORCH_CHECK(idx.scalar_type() == at::kLong && idx.numel() == n, "idx must be int64 [active]");
   TORCH_CHECK(anchors_out.is_contiguous() && anchors_out.scalar_type() == at::kFloat &&
                   anchors_out.dim() == 3 && anchors_out.size(1) == k && anchors_out.size(2) == D,
@@ -391,21 +393,7 @@ std::tuple<at::Tensor, at::Tensor> pocket_step_update_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(medic_fast_C, m) {
-  m.def(
-      "pocket_search_mlp(Tensor anchors, Tensor[] weights, Tensor[] biases, int[] relu, "
-      "Tensor source, Tensor target, float alpha, float lr, int steps, float lo, float hi, "
-      "float margin) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "pocket_step_logits(Tensor logits, Tensor rows, Tensor idx, Tensor source, Tensor target, "
-      "float lo, float hi, float margin) -> (Tensor, Tensor)");
-  m.def(
-      "pocket_step_update(Tensor rows, Tensor? grads, Tensor status, Tensor idx, "
-      "Tensor(a!) anchors_out, Tensor(b!) status_out, Tensor(c!) stop_out, int step, "
-      "float alpha, float lr) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(medic_fast_C, CPU, m) {
+TORCH_LIBRARY_IMPL(medic_fast, CPU, m) {
   m.impl("pocket_search_mlp", &pocket_search_mlp_cpu);
   m.impl("pocket_step_logits", &pocket_step_logits_cpu);
   m.impl("pocket_step_update", &pocket_step_update_cpu);
@@ -448,7 +436,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pocket_search_mlp_cuda(
   p.relu = relu[0] ? 1u : 0u;
   for (int64_t l = 0; l < L; ++l) {
     TORCH_CHECK(weights[l].dim() == 2 && weights[l].size(1) == p.width[l] &&
-                    weights[l].scalar_type() == at::kFloat && biases[l].numel() == weights[l].size(0),
+                    weights[l].scalar_type() == at::kFloat &&
+                    biases[l].numel() == weights[l].size(0),
                 "layer ", l, " has the wrong shape or dtype");
     keep.push_back(weights[l].contiguous());
     keep.push_back(weights[l].t().contiguous());
@@ -532,7 +521,7 @@ std::tuple<at::Tensor, at::Tensor> pocket_step_update_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(medic_fast_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(medic_fast, CUDA, m) {
   m.impl("pocket_search_mlp", &pocket_search_mlp_cuda);
   m.impl("pocket_step_logits", &pocket_step_logits_cuda);
   m.impl("pocket_step_update", &pocket_step_update_cuda);

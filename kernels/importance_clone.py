@@ -1,12 +1,14 @@
 """Triton kernels of the importance clone loss (DESIGN.md §1): the loss and ``d loss / d acts_c``
 in one pass over ``t``, ``g``, ``c``.
 
-:func:`forward` is the Triton backend of the fused op ``medic_fast::importance_clone_loss`` (see
-:mod:`medic_fast.loss`), for CUDA tensors and, under ``TRITON_INTERPRET=1``, CPU tensors.
+:func:`forward` is the CUDA kernel of the op ``medic_fast::importance_clone_loss`` (see
+:mod:`medic_fast.ops.importance_clone`); the tests run it on CPU tensors under
+``TRITON_INTERPRET=1``.
 
 The layers of one dtype (and alignment) share three grouped launches. An int64 table holds, per
-layer, its data pointers, strides, shape and work split; each program finds its layer by counting
-the layers whose first program id is at or below its own (one vectorised load per 64 layers).
+layer, a :class:`Layer` row: its data pointers, strides, shape and work split; each program finds
+its layer by counting the layers whose first program id is at or below its own (one vectorised
+load per 64 layers).
 
 1. ``_partials_kernel``, one program per (layer, row, split), a split being a run of ``BLOCK``-wide
    tiles of one row: one pass with an online softmax of ``a`` and ``q``. It keeps the running
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -55,21 +58,66 @@ _PROGRAMS_PER_SM, _PROGRAMS_INTERPRETER = 4, 8
 # Column indices are int32 and statistic indices use _magic (exact below 2**31).
 _MAX_M = 2**30
 
-# Columns of the int64 layer table (one row per layer of a launch group).
-_NCOLS = tl.constexpr(27)
-_T, _C, _G, _DC, _MU, _INV_S, _TAU_S = map(tl.constexpr, range(7))  # data pointers
-_STRIDE_T, _STRIDE_C, _STRIDE_G, _M, _ROWS = map(tl.constexpr, range(7, 12))
-# statistic k = (i // inner) % nstat, divisions by multiply-and-shift (see _magic)
-_INNER_MUL, _INNER_SHIFT, _NSTAT, _NSTAT_MUL, _NSTAT_SHIFT = map(tl.constexpr, range(12, 17))
-_NSPLIT, _PER, _NTILES = map(tl.constexpr, range(17, 20))  # splits per row, tiles per split
-# the layer's first entry in the split-partials, per-row and tile-record buffers; whether its
-# gradient needs the rescale pass
-_PART_BASE, _ROW_BASE, _TILE_BASE, _RESCALE = map(tl.constexpr, range(20, 24))
-# the layer's first program id in each of the three launches
-_FIRST_PARTIAL, _FIRST_MERGE, _FIRST_RESCALE = map(tl.constexpr, range(24, 27))
-# Columns of the float layer table (accumulation dtype).
-_NFCOLS = tl.constexpr(3)
-_LOSS_SCALE, _GRAD_SCALE, _TAU = map(tl.constexpr, range(3))
+
+class Layer(NamedTuple):
+    """One row of the int64 layer table, one row per layer of a launch group."""
+
+    t: int  # data pointers
+    c: int
+    g: int
+    dc: int
+    mu: int
+    inv_s: int
+    tau_s: int
+    stride_t: int  # row strides, in elements
+    stride_c: int
+    stride_g: int
+    m: int
+    rows: int
+    # statistic k = (i // inner) % nstat, divisions by multiply-and-shift (see _magic)
+    inner_mul: int
+    inner_shift: int
+    nstat: int
+    nstat_mul: int
+    nstat_shift: int
+    nsplit: int  # splits per row, tiles per split, tiles per row
+    per: int
+    ntiles: int
+    part_base: int  # the layer's first entry in the split-partials, per-row and tile buffers
+    row_base: int
+    tile_base: int
+    rescale: int  # whether its gradient needs the rescale pass
+    first_partial: int  # the layer's first program id in each of the three launches
+    first_merge: int
+    first_rescale: int
+
+
+class LayerScalars(NamedTuple):
+    """One row of the float layer table (accumulation dtype)."""
+
+    loss_scale: float
+    grad_scale: float
+    tau: float
+
+
+class _Columns(tl.constexpr):
+    """Column indices of a table, by field name: ``_COL.m`` is the index of field ``m``.
+
+    One constexpr global, so the kernels may read it: the compiler unwraps a constexpr to its
+    value (a namedtuple of ints), the interpreter reads the field through ``__getattr__``.
+    Both sides of the table derive from the namedtuple's fields, so its columns cannot drift.
+    """
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name == "value":  # copy/pickle probes, and before __init__
+            raise AttributeError(name)
+        return getattr(self.value, name)
+
+
+_COL = _Columns(Layer(*range(len(Layer._fields))))
+_FCOL = _Columns(LayerScalars(*range(len(LayerScalars._fields))))
+_NCOLS = tl.constexpr(len(Layer._fields))
+_NFCOLS = tl.constexpr(len(LayerScalars._fields))
 _LAYER_CHUNK = tl.constexpr(64)
 # The kernels keep a and q (and their maxima) multiplied by log2(e) / 2: h = exp((a - M) / 2)
 # is then one exp2, and sums are normalised with log2.
@@ -96,11 +144,11 @@ def _locate(tab, n_layers, FIRST: tl.constexpr):
 @triton.jit
 def _split_range(lay, j):
     """Row and tile range ``[lo, hi)`` of program ``j`` of a layer in a (row, split) launch."""
-    nsplit = tl.load(lay + _NSPLIT)
+    nsplit = tl.load(lay + _COL.nsplit)
     row = j // nsplit
-    per = tl.load(lay + _PER).to(tl.int32)
+    per = tl.load(lay + _COL.per).to(tl.int32)
     lo = (j - row * nsplit).to(tl.int32) * per
-    return row, lo, tl.minimum(lo + per, tl.load(lay + _NTILES).to(tl.int32))
+    return row, lo, tl.minimum(lo + per, tl.load(lay + _COL.ntiles).to(tl.int32))
 
 
 @triton.jit
@@ -115,7 +163,7 @@ def _row_ptr(lay, col, row, stride, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 @triton.jit
 def _row_len(lay, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """``m``; with ALIGNED a multiple of 16 bytes, so masked tiles still use 16-byte accesses."""
-    m = tl.load(lay + _M).to(tl.int32)
+    m = tl.load(lay + _COL.m).to(tl.int32)
     if ALIGNED:
         m = tl.multiple_of(m, 128 // DTYPE.primitive_bitwidth)
     return m
@@ -135,26 +183,26 @@ def _partials_kernel(tab, ftab, part, tiles, n_layers, SIGNED: tl.constexpr,
 
     ALIGNED: every row of every layer starts on 16 bytes (and ``m`` is a multiple of 16 bytes).
     """
-    layer, j = _locate(tab, n_layers, _FIRST_PARTIAL)
+    layer, j = _locate(tab, n_layers, _COL.first_partial)
     lay = tab + layer * _NCOLS
     row, lo, hi = _split_range(lay, j)
     m = _row_len(lay, DTYPE, ALIGNED)
-    t_row = _row_ptr(lay, _T, row, tl.load(lay + _STRIDE_T), DTYPE, ALIGNED)
-    c_row = _row_ptr(lay, _C, row, tl.load(lay + _STRIDE_C), DTYPE, ALIGNED)
-    g_row = _row_ptr(lay, _G, row, tl.load(lay + _STRIDE_G), DTYPE, ALIGNED)
-    dc_row = _row_ptr(lay, _DC, row, m.to(tl.int64), DTYPE, ALIGNED)
-    mu_ptr = tl.load(lay + _MU).to(tl.pointer_type(ACC))
-    inv_ptr = tl.load(lay + _INV_S).to(tl.pointer_type(ACC))
-    taus_ptr = tl.load(lay + _TAU_S).to(tl.pointer_type(ACC))
-    inner_mul = tl.load(lay + _INNER_MUL).to(tl.uint32)
-    inner_shift = tl.load(lay + _INNER_SHIFT).to(tl.uint32)
-    nstat_mul = tl.load(lay + _NSTAT_MUL).to(tl.uint32)
-    nstat_shift = tl.load(lay + _NSTAT_SHIFT).to(tl.uint32)
-    nstat = tl.load(lay + _NSTAT).to(tl.int32)
-    tile_rec = tiles + (tl.load(lay + _TILE_BASE) + row * tl.load(lay + _NTILES)) * 3
-    rescale = tl.load(lay + _RESCALE) != 0
-    tau = tl.load(ftab + layer * _NFCOLS + _TAU)
-    grad_scale = tl.load(ftab + layer * _NFCOLS + _GRAD_SCALE)
+    t_row = _row_ptr(lay, _COL.t, row, tl.load(lay + _COL.stride_t), DTYPE, ALIGNED)
+    c_row = _row_ptr(lay, _COL.c, row, tl.load(lay + _COL.stride_c), DTYPE, ALIGNED)
+    g_row = _row_ptr(lay, _COL.g, row, tl.load(lay + _COL.stride_g), DTYPE, ALIGNED)
+    dc_row = _row_ptr(lay, _COL.dc, row, m.to(tl.int64), DTYPE, ALIGNED)
+    mu_ptr = tl.load(lay + _COL.mu).to(tl.pointer_type(ACC))
+    inv_ptr = tl.load(lay + _COL.inv_s).to(tl.pointer_type(ACC))
+    taus_ptr = tl.load(lay + _COL.tau_s).to(tl.pointer_type(ACC))
+    inner_mul = tl.load(lay + _COL.inner_mul).to(tl.uint32)
+    inner_shift = tl.load(lay + _COL.inner_shift).to(tl.uint32)
+    nstat_mul = tl.load(lay + _COL.nstat_mul).to(tl.uint32)
+    nstat_shift = tl.load(lay + _COL.nstat_shift).to(tl.uint32)
+    nstat = tl.load(lay + _COL.nstat).to(tl.int32)
+    tile_rec = tiles + (tl.load(lay + _COL.tile_base) + row * tl.load(lay + _COL.ntiles)) * 3
+    rescale = tl.load(lay + _COL.rescale) != 0
+    tau = tl.load(ftab + layer * _NFCOLS + _FCOL.tau)
+    grad_scale = tl.load(ftab + layer * _NFCOLS + _FCOL.grad_scale)
 
     ma = tl.full((), float("-inf"), ACC)
     mq = tl.full((), float("-inf"), ACC)
@@ -200,7 +248,7 @@ def _partials_kernel(tab, ftab, part, tiles, n_layers, SIGNED: tl.constexpr,
                 tl.store(rec + 1, mq)
                 tl.store(rec + 2, 0.5 * tl.log2(ss))
 
-    rec = part + (tl.load(lay + _PART_BASE) + j) * 5
+    rec = part + (tl.load(lay + _COL.part_base) + j) * 5
     tl.store(rec, ma)
     tl.store(rec + 1, tl.sum(sa, 0))
     tl.store(rec + 2, mq)
@@ -211,12 +259,12 @@ def _partials_kernel(tab, ftab, part, tiles, n_layers, SIGNED: tl.constexpr,
 @triton.jit
 def _merge_kernel(tab, ftab, part, loss, rowstat, n_layers, ACC: tl.constexpr, ROWS: tl.constexpr):
     """Per-row loss (times the loss scale) from the split partials; row statistics for rescaling."""
-    layer, j = _locate(tab, n_layers, _FIRST_MERGE)
+    layer, j = _locate(tab, n_layers, _COL.first_merge)
     lay = tab + layer * _NCOLS
     b = j * ROWS + tl.arange(0, ROWS)
-    mask = b < tl.load(lay + _ROWS)
-    nsplit = tl.load(lay + _NSPLIT)
-    rec = part + (tl.load(lay + _PART_BASE) + b * nsplit) * 5
+    mask = b < tl.load(lay + _COL.rows)
+    nsplit = tl.load(lay + _COL.nsplit)
+    rec = part + (tl.load(lay + _COL.part_base) + b * nsplit) * 5
     ma = tl.full((ROWS,), float("-inf"), ACC)
     mq = tl.full((ROWS,), float("-inf"), ACC)
     sa = tl.zeros((ROWS,), ACC)
@@ -235,10 +283,10 @@ def _merge_kernel(tab, ftab, part, loss, rowstat, n_layers, ACC: tl.constexpr, R
         num = num * (ea * eq) + tl.load(p + 4, mask=mask, other=0.0) * (fa * fq)
         ma, mq = ma_new, mq_new
     ss = sa * sq
-    out = tl.load(lay + _ROW_BASE) + b
-    scale = tl.load(ftab + layer * _NFCOLS + _LOSS_SCALE)
+    out = tl.load(lay + _COL.row_base) + b
+    scale = tl.load(ftab + layer * _NFCOLS + _FCOL.loss_scale)
     tl.store(loss + out, num / tl.sqrt(ss) * scale, mask=mask)
-    if tl.load(lay + _RESCALE) != 0:
+    if tl.load(lay + _COL.rescale) != 0:
         tl.store(rowstat + out * 3, ma, mask=mask)
         tl.store(rowstat + out * 3 + 1, mq, mask=mask)
         tl.store(rowstat + out * 3 + 2, 0.5 * tl.log2(ss), mask=mask)
@@ -248,14 +296,14 @@ def _merge_kernel(tab, ftab, part, loss, rowstat, n_layers, ACC: tl.constexpr, R
 def _rescale_kernel(tab, rowstat, tiles, n_layers, DTYPE: tl.constexpr, ACC: tl.constexpr,
                     BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Scale each gradient tile from the weights its partials saw to the weights of the row."""
-    layer, j = _locate(tab, n_layers, _FIRST_RESCALE)
+    layer, j = _locate(tab, n_layers, _COL.first_rescale)
     lay = tab + layer * _NCOLS
     row, lo, hi = _split_range(lay, j)
-    stat = rowstat + (tl.load(lay + _ROW_BASE) + row) * 3
+    stat = rowstat + (tl.load(lay + _COL.row_base) + row) * 3
     ma, mq, ls = tl.load(stat), tl.load(stat + 1), tl.load(stat + 2)
     m = _row_len(lay, DTYPE, ALIGNED)
-    dc_row = _row_ptr(lay, _DC, row, m.to(tl.int64), DTYPE, ALIGNED)
-    tile_rec = tiles + (tl.load(lay + _TILE_BASE) + row * tl.load(lay + _NTILES)) * 3
+    dc_row = _row_ptr(lay, _COL.dc, row, m.to(tl.int64), DTYPE, ALIGNED)
+    tile_rec = tiles + (tl.load(lay + _COL.tile_base) + row * tl.load(lay + _COL.ntiles)) * 3
     for tile in range(lo, hi):
         rec = tile_rec + tile * 3
         f = tl.exp2((tl.load(rec) - ma) + (tl.load(rec + 1) - mq) + (tl.load(rec + 2) - ls))
@@ -323,14 +371,19 @@ def _launch_group(idx, aligned, t, c, g, mu, inv_s, tau_s, inner, tau, signed, r
         nsplit, per = _splits(rows, ntiles, target)
         rescale = need_grad and ntiles > 1
         nstat = mu[l].numel()
-        tab.append([t[l].data_ptr(), c[l].data_ptr(), g[l].data_ptr(),
-                    dc[l].data_ptr() if dc else 0,
-                    mu[l].data_ptr(), inv_s[l].data_ptr(), tau_s[l].data_ptr(),
-                    t[l].stride(0), c[l].stride(0), g[l].stride(0), m, rows,
-                    *_magic(inner[l]), nstat, *_magic(nstat), nsplit, per, ntiles,
-                    n_part, n_row, n_tile, int(rescale), *first])
-        ftab.append([row_scale[l] if reduce_rows else 1.0, -2.0 * row_scale[l],
-                     tau * _HALF_LOG2E.value])
+        inner_mul, inner_shift = _magic(inner[l])
+        nstat_mul, nstat_shift = _magic(nstat)
+        tab.append(Layer(
+            t=t[l].data_ptr(), c=c[l].data_ptr(), g=g[l].data_ptr(),
+            dc=dc[l].data_ptr() if dc else 0, mu=mu[l].data_ptr(), inv_s=inv_s[l].data_ptr(),
+            tau_s=tau_s[l].data_ptr(), stride_t=t[l].stride(0), stride_c=c[l].stride(0),
+            stride_g=g[l].stride(0), m=m, rows=rows, inner_mul=inner_mul, inner_shift=inner_shift,
+            nstat=nstat, nstat_mul=nstat_mul, nstat_shift=nstat_shift, nsplit=nsplit, per=per,
+            ntiles=ntiles, part_base=n_part, row_base=n_row, tile_base=n_tile,
+            rescale=int(rescale), first_partial=first[0], first_merge=first[1],
+            first_rescale=first[2]))
+        ftab.append(LayerScalars(loss_scale=row_scale[l] if reduce_rows else 1.0,
+                                 grad_scale=-2.0 * row_scale[l], tau=tau * _HALF_LOG2E.value))
         n_part += rows * nsplit
         n_row += rows
         n_tile += rows * ntiles if rescale else 0
@@ -354,7 +407,7 @@ def _launch_group(idx, aligned, t, c, g, mu, inv_s, tau_s, inner, tau, signed, r
 
 
 def forward(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_rows, need_grad):
-    """The fused op's contract (:func:`medic_fast.loss._fused_loss`) on Triton.
+    """The op's contract (:func:`medic_fast.ops.importance_clone._fused_loss`) on Triton.
 
     Per layer ``t, c, g`` are ``[rows, m]`` with unit stride along ``m`` (any row stride, even 0);
     ``mu, inv_s, tau_s`` are contiguous vectors in the accumulation dtype. Returns the loss (a

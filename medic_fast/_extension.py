@@ -2,9 +2,10 @@
 
 The extension is compiled with ninja the first time a fast CPU path needs it (one line on stderr
 says so) into a cache directory, or ahead of time with ``python -m medic_fast.build``. CPU sources
-are always built; ``.cu`` sources only where PyTorch itself has CUDA. The ops it registers live in
-``torch.ops.medic_fast_C``. If the build fails, :class:`ExtensionUnavailable` says why and the
-``backend="reference"`` paths keep working.
+are always built; ``.cu`` sources only where PyTorch itself has CUDA. It holds no op definitions,
+only CPU (and CUDA) kernels of the ops ``medic_fast.ops`` defines in ``torch.ops.medic_fast``; they
+register themselves when the library loads. If the build fails, :class:`ExtensionUnavailable`
+says why, ``backend="auto"`` falls back to the reference, and ``backend="reference"`` works.
 """
 from __future__ import annotations
 

@@ -8,13 +8,13 @@ logits are not a function of the features alone.
 from __future__ import annotations
 
 import operator
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
-__all__ = ["split", "default_cut", "is_affine", "mlp_layers", "linear_modules"]
+__all__ = ["split", "default_cut", "is_affine", "linear_modules"]
 
 
 class _LeafTracer(fx.Tracer):
@@ -169,59 +169,3 @@ def is_affine(head: nn.Module) -> bool:
         if not ok:
             return False
     return True
-
-
-_RELU_FUNCTIONS = {torch.relu, F.relu, torch.relu_}
-
-
-def _mlp_op(n: fx.Node, gm: fx.GraphModule) -> Optional[object]:
-    """A Linear module, "relu", "id" (identity on [N, D] inputs), or None for anything else."""
-    if n.op == "call_module":
-        m = gm.get_submodule(n.target)
-        if isinstance(m, nn.Linear):
-            return m
-        if isinstance(m, nn.ReLU):
-            return "relu"
-        if isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)):
-            return "id"
-        if isinstance(m, nn.Flatten) and m.start_dim in (1, -1):
-            return "id"
-    elif n.op == "call_function":
-        if n.target in _RELU_FUNCTIONS:
-            return "relu"
-        if n.target is torch.flatten and tuple(n.args[1:]) in ((1,), (-1,)) and not n.kwargs:
-            return "id"
-    elif n.op == "call_method" and n.target in ("relu", "relu_") and len(n.args) == 1:
-        return "relu"
-    return None
-
-
-def mlp_layers(head: nn.Module) -> Optional[Tuple[List[Tensor], List[Tensor], List[int]]]:
-    """``(weights, biases, relu)`` when ``head`` is a chain of Linear and ReLU layers (on 1-D
-    features), else None. ``relu[0]``: a ReLU on the input; ``relu[l + 1]``: after layer ``l``."""
-    try:
-        gm = fx.symbolic_trace(head)
-    except Exception:  # untraceable heads take the general path
-        return None
-    weights, biases, relu = [], [], [0]
-    cur = None
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            if cur is not None:
-                return None
-            cur = n
-            continue
-        if n.op == "output":
-            return (weights, biases, relu) if n.args[0] is cur and weights else None
-        op = _mlp_op(n, gm)
-        if op is None or n.all_input_nodes != [cur]:
-            return None
-        if isinstance(op, nn.Linear):
-            w = op.weight.detach()
-            weights.append(w)
-            biases.append(op.bias.detach() if op.bias is not None else w.new_zeros(w.shape[0]))
-            relu.append(0)
-        elif op == "relu":
-            relu[-1] = 1
-        cur = n
-    return None

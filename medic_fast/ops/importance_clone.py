@@ -1,33 +1,31 @@
 """The importance clone loss of MEDIC: public function, ``nn.Module``, and the fused custom op.
 
-``importance_clone_loss`` validates its arguments, then runs one of the backends:
+``importance_clone_loss`` validates its arguments, then runs the backend that
+:func:`medic_fast.ops._dispatch.resolve` picks: ``"reference"``
+(:mod:`medic_fast.reference.importance_clone`, plain PyTorch autograd) or the fused op
+``medic_fast::importance_clone_loss``, whose kernels are ``"cpp"`` for CPU tensors (the C++
+extension, ``csrc/importance_clone.cpp``) and ``"triton"`` for CUDA tensors (``kernels/``).
 
-* ``"reference"``: :mod:`medic_fast.reference`, plain PyTorch autograd;
-* ``"cpp"`` (CPU tensors): the C++ kernel of the extension (``csrc/importance_clone.cpp``);
-* ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``): ``kernels/``.
-
-The fused backends are one ``torch.library`` custom op, ``medic_fast::importance_clone_loss``,
-that takes every layer at once and returns the loss and, when ``acts_c`` needs a gradient, that
-gradient too (computed in the same pass over the data, the fused cross-entropy trick). Backward
-then only scales the kept gradient by the incoming one, in place.
+The op takes every layer at once and returns the loss and, when ``acts_c`` needs a gradient,
+that gradient too (computed in the same pass over the data, the fused cross-entropy trick).
+Backward then only scales the kept gradient by the incoming one, in place.
 """
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from medic_fast.ops import _dispatch
 from medic_fast.reference import importance_clone as reference
 
 __all__ = ["importance_clone_loss", "importance_weights", "ImportanceCloneLoss"]
 
 CRITERIA = ("abs", "signed")
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "cpp", "reference")
 # Per-channel statistics whose runs of equal statistics are shorter than this are expanded to
 # one statistic per neuron, so that the kernels always read statistics as long vectors or scalars.
 _MIN_CHANNEL_RUN = 16
@@ -46,17 +44,20 @@ def _as_layers(name: str, x, n: Optional[int]) -> list:
     raise TypeError(f"{name} must be a Tensor or a sequence of Tensors, got {type(x).__name__}")
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _check_options(tau, criterion, eps, reduction, backend):
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau) or tau < 0:
+    if not _finite(tau) or tau < 0:
         raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+    if not _finite(eps) or eps <= 0:
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _dispatch.check("importance_clone_loss", backend)
 
 
 def _check_tensor(name: str, x, like: Optional[Tensor] = None) -> None:
@@ -138,20 +139,6 @@ def _validate(acts_t, acts_c, grads, mean, std, start_dim, reduction):
     return layers, dims
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        return {"cuda": "triton", "cpu": "cpp"}.get(device.type, "reference")
-    if backend == "cpp" and device.type != "cpu":
-        raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}; "
-                         "use backend='triton' or 'auto' for CUDA tensors")
-    if backend == "triton" and device.type != "cuda":
-        if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}; "
-                             "on CPU tensors it runs only under TRITON_INTERPRET=1 (set it before "
-                             "the first Triton call)")
-    return backend
-
-
 # --------------------------------------------------------------------------------------------
 # Preparing one layer for the fused op
 # --------------------------------------------------------------------------------------------
@@ -186,32 +173,32 @@ def _stats_arrays(t: Tensor, mean, std, start_dim: int, tau: float, eps: float, 
 # The fused custom op
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("medic_fast::importance_clone_loss", mutates_args=())
+@torch.library.custom_op("medic_fast::importance_clone_loss", mutates_args=(),
+                         device_types="cuda")
 def _fused_loss(t: List[Tensor], c: List[Tensor], g: List[Tensor], mu: List[Tensor],
                 inv_s: List[Tensor], tau_s: List[Tensor], inner: List[int], tau: float,
-                signed: bool, row_scale: List[float], reduce_rows: bool, need_grad: bool,
-                backend: str) -> Tuple[Tensor, List[Tensor]]:
+                signed: bool, row_scale: List[float], reduce_rows: bool,
+                need_grad: bool) -> Tuple[Tensor, List[Tensor]]:
     """Loss over all layers, and ``d loss / d c`` per layer when ``need_grad``.
 
-    Per layer, ``t, c, g`` are ``[rows, m]`` with unit stride along ``m``. The loss is
-    ``sum_l row_scale[l] * sum_b loss_lb`` (a scalar) when ``reduce_rows``, else the vector
-    ``sum_l loss_lb`` over rows; the gradient is that of the scalar ``sum_l row_scale[l] *
-    sum_b loss_lb``, in ``c``'s dtype.
+    Per layer, ``t, c, g`` are ``[rows, m]`` with unit stride along ``m``; ``mu, inv_s, tau_s``
+    are contiguous statistics in the accumulation dtype, statistic ``(i // inner) % len(mu)``
+    for neuron ``i``. The loss is ``sum_l row_scale[l] * sum_b loss_lb`` (a scalar) when
+    ``reduce_rows``, else the vector ``sum_l loss_lb`` over rows; the gradient is that of the
+    scalar ``sum_l row_scale[l] * sum_b loss_lb``, in ``c``'s dtype. The op's backward takes
+    that gradient over and scales it in place: read the second output before any backward.
+
+    This function is the op's CUDA kernel (Triton). Its CPU kernel is the C++ extension's,
+    registered when :mod:`medic_fast._extension` loads it (the resolver does, for "cpp").
     """
-    args = (t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_rows, need_grad)
-    if backend == "cpp":
-        from medic_fast import _extension
+    from medic_fast.kernels import importance_clone  # Triton, imported on first use
 
-        _extension.load()
-        loss, dc = torch.ops.medic_fast_C.importance_clone_loss_fwd(*args)
-        return loss, list(dc)
-    from medic_fast.kernels import importance_clone
-
-    return importance_clone.forward(*args)
+    return importance_clone.forward(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale,
+                                    reduce_rows, need_grad)
 
 
 @_fused_loss.register_fake
-def _(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_rows, need_grad, backend):
+def _(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_rows, need_grad):
     acc = torch.float64 if t[0].dtype == torch.float64 else torch.float32
     loss = t[0].new_empty(() if reduce_rows else (t[0].shape[0],), dtype=acc)
     return loss, [x.new_empty(x.shape) for x in c] if need_grad else []
@@ -244,34 +231,43 @@ def _scale_rows_(d: Tensor, scale: Tensor) -> None:
         d_part.mul_(s_part)
 
 
+def _plain_eager(*tensors: Tensor) -> bool:
+    """Plain eager execution on plain tensors: no tracing (torch.compile, export, AOTAutograd),
+    no dispatch mode, no tensor subclass (fake, functional)."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and all(type(x) is Tensor for x in tensors))
+
+
 def _backward(ctx, grad_loss, _grad_dc):
     """Scale the gradient kept by the forward by ``grad_loss``.
 
-    The first backward hands the kept buffers over, scaled in place (no copy: the op allocates
-    nothing of the inputs' size beyond its output). A second backward through the same graph
-    (``retain_graph=True``, gradcheck) recomputes the gradient from the saved inputs.
+    Eagerly, the first backward hands the kept buffers over, scaled in place (no copy: the op
+    allocates nothing of the inputs' size beyond its output), and a second backward through the
+    same graph (``retain_graph=True``, gradcheck) recomputes the gradient from the saved inputs.
+    Traced, it multiplies out of place, as a graph must (Inductor fuses it into one pass).
     """
     n = ctx.n_layers
     saved = ctx.saved_tensors
     inputs = [list(saved[i * n:(i + 1) * n]) for i in range(6)]
     dc = list(saved[6 * n:])
-    inner, tau, signed, row_scale, reduce_rows, _, backend = ctx.args
-    none = [None] * n
+    grads = [[None] * n for _ in range(6)] + [None] * len(ctx.args)  # the inputs' structure
     if grad_loss is None:
-        return none, none, none, none, none, none, None, None, None, None, None, None, None
+        return tuple(grads)
+    inner, tau, signed, row_scale, reduce_rows, _ = ctx.args
     scale = grad_loss if reduce_rows else grad_loss[:, None]
-    if torch.compiler.is_compiling():
-        # Multiply with the fp32 scale as eager does (Inductor fuses it into one pass).
-        dc = [(d * scale).to(d.dtype) for d in dc]
-    else:
-        if ctx.handed_over:
-            _, dc = _fused_loss(*inputs, inner, tau, signed, row_scale, reduce_rows, True, backend)
-        ctx.handed_over = True
-        if not (grad_loss.device.type == "cpu" and bool((grad_loss == 1).all())):
-            for d in dc:
-                # .data: scaling the handed-over buffer must not bump the saved tensor's version.
-                _scale_rows_(d.data, scale)
-    return none, dc, none, none, none, none, None, None, None, None, None, None, None
+    if not _plain_eager(grad_loss, *dc):
+        # The fp32 scale, as eager multiplies with it.
+        grads[1] = [(d * scale).to(d.dtype) for d in dc]
+        return tuple(grads)
+    if ctx.handed_over:
+        _, dc = _fused_loss(*inputs, inner, tau, signed, row_scale, reduce_rows, True)
+    ctx.handed_over = True
+    if not (grad_loss.device.type == "cpu" and bool((grad_loss == 1).all())):
+        for d in dc:
+            # .data: scaling the handed-over buffer must not bump the saved tensor's version.
+            _scale_rows_(d.data, scale)
+    grads[1] = dc
+    return tuple(grads)
 
 
 _fused_loss.register_autograd(_backward, setup_context=_setup_context)
@@ -299,7 +295,8 @@ def importance_clone_loss(acts_t, acts_c, grads, mean=None, std=None, *, tau: fl
         eps: added to ``std``; ``> 0``.
         reduction: ``"mean"`` | ``"sum"`` over rows, or ``"none"`` (per-row losses).
         start_dim: dims before it are rows (1: a row per sample; 2 on ``[B, T, H]``: per token).
-        backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpp"``, ``"reference"``.
+        backend: ``"auto"`` (the fused kernel for the device, else the reference), ``"cpp"``
+            (CPU tensors), ``"triton"`` (CUDA tensors) or ``"reference"``.
 
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or ``[rows]`` for
@@ -307,7 +304,7 @@ def importance_clone_loss(acts_t, acts_c, grads, mean=None, std=None, *, tau: fl
     """
     _check_options(tau, criterion, eps, reduction, backend)
     layers, dims = _validate(acts_t, acts_c, grads, mean, std, start_dim, reduction)
-    backend = _resolve_backend(backend, layers[0][0].device)
+    backend = _dispatch.resolve("importance_clone_loss", backend, layers[0][0].device)
     if backend == "reference":
         return reference.importance_clone_loss(layers, dims, tau=tau, criterion=criterion,
                                                eps=eps, reduction=reduction)
@@ -328,7 +325,7 @@ def importance_clone_loss(acts_t, acts_c, grads, mean=None, std=None, *, tau: fl
         scales.append(1.0 / rows if reduction == "mean" else 1.0)
     need_grad = torch.is_grad_enabled() and any(c.requires_grad for c in cs)
     loss, _ = _fused_loss(ts, cs, gs, mus, invs, taus, inners, float(tau), criterion == "signed",
-                          scales, reduction != "none", need_grad, backend)
+                          scales, reduction != "none", need_grad)
     return loss
 
 

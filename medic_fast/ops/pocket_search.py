@@ -9,28 +9,28 @@ either way it stops there (``stopped_at = s``) and leaves the batch. Otherwise, 
 the anchors take one step. So ``steps`` is the number of SGD steps and a problem still running
 after them stops with ``stopped_at = steps``, neither found nor abandoned.
 
-Backends: ``"reference"`` is plain PyTorch autograd and SGD over the batch; ``"extension"`` runs
-the C++ extension (``csrc/pocket_search.cpp``): the whole search for heads that are chains of
-Linear and ReLU layers, and for any other head a loop where PyTorch runs the head's forward and
-backward and the extension does the rest of each step.
+Backends (:mod:`medic_fast.ops._dispatch`): ``"reference"`` is
+:mod:`medic_fast.reference.pocket_search`; the fused ones, ``"cpp"`` (CPU) and ``"cuda"`` (CUDA),
+run three ops of ``torch.ops.medic_fast``, defined here with their fake kernels and implemented
+by the extension (``csrc/pocket_search.cpp``, ``.cu``): ``pocket_search_mlp``, the whole search
+for heads that are chains of Linear and ReLU layers, and for any other head a loop where PyTorch
+runs the head's forward and backward and ``pocket_step_logits`` / ``pocket_step_update`` do the
+rest of each step. They take float32 features; ``"auto"`` runs other dtypes on the reference.
 """
 from __future__ import annotations
 
 import math
-import warnings
-from typing import NamedTuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
-from medic_fast import _extension
-from medic_fast.clear.graph import mlp_layers
+from medic_fast.ops import _dispatch
+from medic_fast.reference import pocket_search as reference
+from medic_fast.reference.pocket_search import ABANDONED, ACTIVE, FOUND
 
-__all__ = ["pocket_search", "PocketResult", "BACKENDS"]
-
-BACKENDS = ("auto", "extension", "reference")
-FOUND, ABANDONED = 1, 2  # the extension's status codes (csrc/pocket_search.h)
+__all__ = ["pocket_search", "PocketResult", "mlp_layers"]
 
 
 class PocketResult(NamedTuple):
@@ -40,13 +40,69 @@ class PocketResult(NamedTuple):
     found: Tensor       # bool [Q]
     abandoned: Tensor   # bool [Q]
     stopped_at: Tensor  # int64 [Q]: the step at which it stopped (steps if it ran out)
-    backend: str        # "extension" or "reference"
+    backend: str        # what ran: "cpp", "cuda" or "reference"
 
     @property
     def centroids(self) -> Tensor:
         """[Q, *feat]: the anchors' centroids (for found problems, the pocket samples)."""
         return self.anchors.mean(1)
 
+
+# --------------------------------------------------------------------------------------------
+# The fused kernels' ops: defined here with their fake kernels (for opcheck, tracing and meta
+# tensors); the extension registers their CPU and CUDA kernels when it loads.
+# --------------------------------------------------------------------------------------------
+
+torch.library.define(
+    "medic_fast::pocket_search_mlp",
+    "(Tensor anchors, Tensor[] weights, Tensor[] biases, int[] relu, Tensor source, "
+    "Tensor target, float alpha, float lr, int steps, float lo, float hi, float margin) "
+    "-> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.register_fake("medic_fast::pocket_search_mlp")
+def _(anchors, weights, biases, relu, source, target, alpha, lr, steps, lo, hi, margin):
+    """The whole search for a Linear/ReLU head (``relu[0]``: on the input, ``relu[l + 1]``:
+    after layer ``l``): anchors ``[Q, k, D]``, int8 status and int64 stopped_at ``[Q]``."""
+    q = anchors.shape[0]
+    return (anchors.new_empty(anchors.shape), anchors.new_empty(q, dtype=torch.int8),
+            anchors.new_empty(q, dtype=torch.int64))
+
+
+torch.library.define(
+    "medic_fast::pocket_step_logits",
+    "(Tensor logits, Tensor rows, Tensor idx, Tensor source, Tensor target, float lo, float hi, "
+    "float margin) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake("medic_fast::pocket_step_logits")
+def _(logits, rows, idx, source, target, lo, hi, margin):
+    """Given the head's logits ``[A (k + 1), C]`` of the active problems' rows ``[A, k + 1, D]``
+    (anchors, then centroid): the gradient of the CE terms w.r.t. the logits, and each problem's
+    int8 status at this step."""
+    return logits.new_empty(logits.shape), rows.new_empty(rows.shape[0], dtype=torch.int8)
+
+
+torch.library.define(
+    "medic_fast::pocket_step_update",
+    "(Tensor rows, Tensor? grads, Tensor status, Tensor idx, Tensor(a!) anchors_out, "
+    "Tensor(b!) status_out, Tensor(c!) stop_out, int step, float alpha, float lr) "
+    "-> (Tensor, Tensor)")
+
+
+@torch.library.register_fake("medic_fast::pocket_step_update")
+def _(rows, grads, status, idx, anchors_out, status_out, stop_out, step, alpha, lr):
+    """One SGD step of the problems still active (from the CE gradients ``grads`` w.r.t. the
+    rows), returned compacted with their problem indices; those that stop (all of them when
+    ``grads`` is None) are written to the ``*_out`` tensors at their index. How many stay is
+    data-dependent."""
+    kept = 0 if grads is None else torch.library.get_ctx().new_dynamic_size()
+    return rows.new_empty(kept, *rows.shape[1:]), idx.new_empty(kept)
+
+
+# --------------------------------------------------------------------------------------------
+# The public function
+# --------------------------------------------------------------------------------------------
 
 def _number(name: str, x, *, low: float, open_low: bool = False, inf_ok: bool = False) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
@@ -103,8 +159,7 @@ def _validate(anchors, head, source, target, alpha, lr, steps, lo, hi, margin, b
     if not lo < hi:
         raise ValueError(f"lo must be < hi, got lo={lo}, hi={hi}")
     margin = _number("margin", margin, low=0.0, inf_ok=True)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _dispatch.check("pocket_search", backend)
     with torch.no_grad():
         probe = head(anchors[:1, 0])
     if not (isinstance(probe, Tensor) and probe.dim() == 2 and probe.shape[0] == 1
@@ -119,39 +174,6 @@ def _validate(anchors, head, source, target, alpha, lr, steps, lo, hi, margin, b
     return alpha, lr, steps, lo, hi, margin
 
 
-def _has_kernel(op: str, device: torch.device) -> bool:
-    key = "CPU" if device.type == "cpu" else device.type.upper()
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"medic_fast_C::{op}", key)
-    except RuntimeError:  # the op is not registered at all (an extension built without it)
-        return False
-
-
-def _resolve_backend(backend: str, anchors: Tensor) -> str:
-    """``"auto"``: the extension for float32 anchors on a device it has kernels for, else the
-    reference (with a warning when the extension failed to build)."""
-    if backend == "reference":
-        return backend
-    if backend == "extension" and anchors.dtype != torch.float32:
-        raise TypeError(f'backend="extension" needs float32 anchors, got {anchors.dtype}')
-    if backend == "auto" and anchors.dtype != torch.float32:
-        return "reference"
-    try:
-        _extension.load()
-    except _extension.ExtensionUnavailable as e:
-        if backend == "extension":
-            raise
-        warnings.warn(f"medic_fast: pocket search falls back to the PyTorch reference: {e}",
-                      stacklevel=3)
-        return "reference"
-    if not _has_kernel("pocket_step_update", anchors.device):
-        if backend == "extension":
-            raise ValueError(f"the medic_fast extension has no pocket-search kernels for "
-                             f"{anchors.device} tensors in this build")
-        return "reference"
-    return "extension"
-
-
 def pocket_search(anchors: Tensor, head: nn.Module, source: Tensor, target: Tensor, *,
                   alpha: float, lr: float, steps: int, lo: float, hi: float, margin: float,
                   backend: str = "auto") -> PocketResult:
@@ -164,57 +186,18 @@ def pocket_search(anchors: Tensor, head: nn.Module, source: Tensor, target: Tens
     """
     alpha, lr, steps, lo, hi, margin = _validate(anchors, head, source, target, alpha, lr,
                                                  steps, lo, hi, margin, backend)
-    backend = _resolve_backend(backend, anchors)
+    unsupported = ("" if anchors.dtype == torch.float32 else
+                   f"its fused kernels take float32 anchors, these are {anchors.dtype}")
+    backend = _dispatch.resolve("pocket_search", backend, anchors.device, unsupported=unsupported)
     args = (anchors.detach(), head, source.long(), target.long(), alpha, lr, steps, lo, hi, margin)
-    run = _reference if backend == "reference" else _extension_search
+    run = reference.pocket_search if backend == "reference" else _fused_search
     out, status, stop = run(*args)
     return PocketResult(out, status == FOUND, status == ABANDONED, stop, backend)
 
 
-def _reference(anchors, head, source, target, alpha, lr, steps, lo, hi, margin):
-    """Plain PyTorch: autograd for the gradient, SGD for the step, over the active batch."""
-    q, k = anchors.shape[:2]
-    P = anchors.clone()
-    status = torch.zeros(q, dtype=torch.int8, device=P.device)
-    stop = torch.full((q,), steps, dtype=torch.int64, device=P.device)
-    active = torch.arange(q, device=P.device)
-    for s in range(steps + 1):
-        x = P[active].requires_grad_(True)
-        ls, lt = source[active], target[active]
-        with torch.enable_grad():
-            c = x.mean(1)
-            z = head(torch.cat([x, c[:, None]], 1).flatten(0, 1)).view(len(active), k + 1, -1)
-            loss = (F.cross_entropy(z[:, :k].flatten(0, 1), ls.repeat_interleave(k),
-                                    reduction="none").view(-1, k).mean(1)
-                    + F.cross_entropy(z[:, k], lt, reduction="none")
-                    + alpha / k * (x - c[:, None]).pow(2).flatten(2).sum(2).sum(1)).sum()
-        with torch.no_grad():
-            zd = z.detach()
-            left = ~((c >= lo) & (c <= hi)).flatten(1).all(1)
-            hold = (_margin(zd[:, :k], ls[:, None].expand(-1, k)) > margin).all(1)
-            flips = _margin(zd[:, k], lt) > margin
-            st = torch.where(left, ABANDONED, torch.where(hold & flips, FOUND, 0)).to(torch.int8)
-            leaving = (st != 0) | (s == steps)
-            gone = active[leaving]
-            status[gone], stop[gone] = st[leaving], s
-            if s < steps:
-                (grad,) = torch.autograd.grad(loss, x)
-                P[active[~leaving]] = (x - lr * grad)[~leaving]
-            active = active[~leaving]
-        if len(active) == 0:
-            break
-    return P, status, stop
-
-
-def _margin(z: Tensor, label: Tensor) -> Tensor:
-    """Logit of ``label`` minus the best other logit (NaN if any logit is NaN)."""
-    own = z.gather(-1, label.unsqueeze(-1)).squeeze(-1)
-    others = z.scatter(-1, label.unsqueeze(-1), -math.inf)
-    return own - others.amax(-1)
-
-
-def _extension_search(anchors, head, source, target, alpha, lr, steps, lo, hi, margin):
-    ops = torch.ops.medic_fast_C
+def _fused_search(anchors, head, source, target, alpha, lr, steps, lo, hi, margin):
+    """The extension's kernels: the whole search for Linear/ReLU heads, else step by step."""
+    ops = torch.ops.medic_fast
     mlp = mlp_layers(head) if anchors.dim() == 3 else None
     if mlp is not None and all(w.dtype == torch.float32 for w in mlp[0] + mlp[1]):
         weights, biases, relu = mlp
@@ -225,7 +208,7 @@ def _extension_search(anchors, head, source, target, alpha, lr, steps, lo, hi, m
 
 def _fused_steps(anchors, head, source, target, alpha, lr, steps, lo, hi, margin):
     """Any head: PyTorch runs its forward and input gradient, the extension the rest."""
-    ops = torch.ops.medic_fast_C
+    ops = torch.ops.medic_fast
     q, k, feat = anchors.shape[0], anchors.shape[1], anchors.shape[2:]
     flat = anchors.reshape(q, k, -1)
     out = torch.empty_like(flat)
@@ -240,10 +223,70 @@ def _fused_steps(anchors, head, source, target, alpha, lr, steps, lo, hi, margin
         dz, st = ops.pocket_step_logits(z.detach().float(), rows, idx, source, target, lo, hi,
                                         margin)
         grads = None
-        if s < steps and bool((st == 0).any()):
+        if s < steps and bool((st == ACTIVE).any()):
             (grads,) = torch.autograd.grad(z, x, dz.to(z.dtype))
             grads = grads.view_as(rows)
         rows, idx = ops.pocket_step_update(rows, grads, st, idx, out, status, stop, s, alpha, lr)
         if len(idx) == 0:
             break
     return out.view_as(anchors), status, stop
+
+
+# --------------------------------------------------------------------------------------------
+# Heads that take the whole-search kernel
+# --------------------------------------------------------------------------------------------
+
+_RELU_FUNCTIONS = {torch.relu, F.relu, torch.relu_}
+
+
+def _mlp_op(n: fx.Node, gm: fx.GraphModule) -> Optional[object]:
+    """A Linear module, "relu", "id" (identity on [N, D] inputs), or None for anything else."""
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if isinstance(m, nn.Linear):
+            return m
+        if isinstance(m, nn.ReLU):
+            return "relu"
+        if isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)):
+            return "id"
+        if isinstance(m, nn.Flatten) and m.start_dim in (1, -1):
+            return "id"
+    elif n.op == "call_function":
+        if n.target in _RELU_FUNCTIONS:
+            return "relu"
+        if n.target is torch.flatten and tuple(n.args[1:]) in ((1,), (-1,)) and not n.kwargs:
+            return "id"
+    elif n.op == "call_method" and n.target in ("relu", "relu_") and len(n.args) == 1:
+        return "relu"
+    return None
+
+
+def mlp_layers(head: nn.Module) -> Optional[Tuple[List[Tensor], List[Tensor], List[int]]]:
+    """``(weights, biases, relu)`` when ``head`` is a chain of Linear and ReLU layers (on 1-D
+    features), else None. ``relu[0]``: a ReLU on the input; ``relu[l + 1]``: after layer ``l``."""
+    try:
+        gm = fx.symbolic_trace(head)
+    except Exception:  # untraceable heads take the general path
+        return None
+    weights, biases, relu = [], [], [0]
+    cur = None
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if cur is not None:
+                return None
+            cur = n
+            continue
+        if n.op == "output":
+            return (weights, biases, relu) if n.args[0] is cur and weights else None
+        op = _mlp_op(n, gm)
+        if op is None or n.all_input_nodes != [cur]:
+            return None
+        if isinstance(op, nn.Linear):
+            w = op.weight.detach()
+            weights.append(w)
+            biases.append(op.bias.detach() if op.bias is not None else w.new_zeros(w.shape[0]))
+            relu.append(0)
+        elif op == "relu":
+            relu[-1] = 1
+        cur = n
+    return None

@@ -1,6 +1,7 @@
 """The importance clone loss: every backend against a float64 reference, forward and gradient.
 
-The Triton kernels run here under TRITON_INTERPRET=1 (set in conftest.py) on small sizes.
+The Triton kernels run here on small sizes under TRITON_INTERPRET=1, as the op's CPU kernel
+(``backend_arg`` in conftest.py), so through the real op: autograd, gradcheck, compile, opcheck.
 """
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import medic_fast
+from medic_fast import _extension
 
 FAST = ["cpp", "triton"]
 ALL = ["reference", "cpp", "triton"]
@@ -83,37 +85,37 @@ def assert_matches(layers, backend, dtype=torch.float32, **kw):
 @pytest.mark.parametrize("criterion", ["abs", "signed"])
 @pytest.mark.parametrize("stats", ["channel", "neuron", None])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_single_layer(backend, criterion, stats, reduction):
+def test_single_layer(backend_arg, criterion, stats, reduction):
     layers = make((3, 5, 4, 7), stats=stats)
-    assert_matches(layers, backend, tau=5.0, criterion=criterion, reduction=reduction)
+    assert_matches(layers, backend_arg, tau=5.0, criterion=criterion, reduction=reduction)
 
 
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("tau", [0.0, 1.0, 5.0, 100.0])
-def test_tau(backend, tau):
+def test_tau(backend_arg, tau):
     layers = make((4, 6, 5, 5), seed=int(tau))
-    assert_matches(layers, backend, tau=tau)
+    assert_matches(layers, backend_arg, tau=tau)
 
 
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("stats", ["channel", "neuron"])
-def test_start_dim_2_tokens(backend, stats):
+def test_start_dim_2_tokens(backend_arg, stats):
     layers = make((2, 5, 33), start_dim=2, stats=stats)
-    assert_matches(layers, backend, tau=5.0, start_dim=2, reduction="none")
+    assert_matches(layers, backend_arg, tau=5.0, start_dim=2, reduction="none")
 
 
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("shape", [(5, 1), (1, 1), (3, 1, 1, 1), (7, 3), (2, 3, 1, 17), (1, 2049)])
-def test_odd_sizes(backend, shape):
+def test_odd_sizes(backend_arg, shape):
     layers = make(shape)
-    assert_matches(layers, backend, tau=5.0)
+    assert_matches(layers, backend_arg, tau=5.0)
 
 
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision(backend, dtype):
+def test_half_precision(backend_arg, dtype):
     layers = make((4, 8, 6, 6), dtype=dtype)
-    assert_matches(layers, backend, dtype=dtype, tau=5.0)
+    assert_matches(layers, backend_arg, dtype=dtype, tau=5.0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
@@ -137,9 +139,10 @@ def test_cpp_many_rows():
     assert_matches(layers, "cpp", tau=5.0)
 
 
-def test_triton_long_rows():
+@pytest.mark.parametrize("backend", ["triton"])
+def test_triton_long_rows(backend_arg):
     layers = make((2, 4100))
-    assert_matches(layers, "triton", tau=5.0)
+    assert_matches(layers, backend_arg, tau=5.0)
 
 
 def test_cpp_large_tau_far_apart_chunks():
@@ -157,9 +160,9 @@ def test_cpp_large_tau_far_apart_chunks():
 
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_layer_lists(backend, reduction):
+def test_layer_lists(backend_arg, reduction):
     layers = make((3, 4, 5, 5), layers=3)
-    assert_matches(layers, backend, single=False, tau=5.0, reduction=reduction)
+    assert_matches(layers, backend_arg, single=False, tau=5.0, reduction=reduction)
 
 
 def test_layer_lists_mixed_dtypes_and_start_dims():
@@ -183,7 +186,7 @@ def test_list_equals_sum_of_layers():
 # --- layouts ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", FAST)
-def test_non_contiguous_inputs(backend):
+def test_non_contiguous_inputs(backend_arg):
     (t, c, g, mean, std), = make((4, 6, 5, 5))
     big = [torch.randn(8, 6, 5, 10) for _ in range(3)]
     for b, x in zip(big, (t, c, g)):
@@ -192,7 +195,7 @@ def test_non_contiguous_inputs(backend):
     assert not tv.is_contiguous()
     cl = [x.contiguous(memory_format=torch.channels_last) for x in (t, c, g)]
     for layer in ([(tv, cv, gv, mean, std)], [tuple(cl) + (mean, std)]):
-        assert_matches(layer, backend, tau=5.0)
+        assert_matches(layer, backend_arg, tau=5.0)
 
 
 def test_row_stride_zero_teacher():
@@ -213,15 +216,15 @@ def test_inputs_not_modified():
 
 # --- autograd and compile -----------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gradcheck(backend, reduction):
+def test_gradcheck(backend_arg, reduction):
     (t, c, g, mean, std), = make((2, 3, 2, 3), dtype=torch.float64, stats="neuron")
     mean, std = mean.double(), std.double()
     c = c.clone().requires_grad_()
 
     def f(c_):
-        return medic_fast.importance_clone_loss(t, c_, g, mean, std, tau=5.0, backend=backend,
+        return medic_fast.importance_clone_loss(t, c_, g, mean, std, tau=5.0, backend=backend_arg,
                                                 reduction=reduction)
 
     assert torch.autograd.gradcheck(f, (c,), eps=1e-6, atol=1e-7)
@@ -248,11 +251,12 @@ def test_no_grad_returns_loss_only():
     torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=1e-8)
 
 
-def test_second_backward_recomputes():
+@pytest.mark.parametrize("backend", FAST)
+def test_second_backward_recomputes(backend_arg):
     """retain_graph=True: the second backward gives the same gradient as the first."""
     (t, c, g, mean, std), = make((3, 4, 3, 3))
     c = c.clone().requires_grad_()
-    loss = medic_fast.importance_clone_loss(t, c, g, mean, std, backend="cpp")
+    loss = medic_fast.importance_clone_loss(t, c, g, mean, std, backend=backend_arg)
     (g1,) = torch.autograd.grad(2 * loss, c, retain_graph=True)
     (g2,) = torch.autograd.grad(2 * loss, c, retain_graph=True)
     (g3,) = torch.autograd.grad(loss, c)
@@ -260,13 +264,13 @@ def test_second_backward_recomputes():
     torch.testing.assert_close(g3, g1 / 2, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend", ALL)
+def test_torch_compile_fullgraph(backend_arg):
     layers = make((4, 6, 5, 5), layers=2)
     ts, cs, gs, ms, ss = (list(x) for x in zip(*layers))
 
     def step(cs_):
-        loss = medic_fast.importance_clone_loss(ts, cs_, gs, ms, ss, tau=5.0, backend=backend)
+        loss = medic_fast.importance_clone_loss(ts, cs_, gs, ms, ss, tau=5.0, backend=backend_arg)
         return 3.0 * loss + 1.0
 
     torch._dynamo.reset()
@@ -355,30 +359,29 @@ def test_bad_layer_lists():
 
 
 def test_wrong_backend_for_device():
-    t, c, g, mean, std = _args()
-    with pytest.raises(ValueError, match="backend='cpp' runs on CPU"):
-        medic_fast.importance_clone_loss(t.to("meta"), c.to("meta"), g.to("meta"),
-                                         backend="cpp")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = textwrap.dedent("""
-        import torch, medic_fast
-        x = torch.randn(2, 3)
-        try:
-            medic_fast.importance_clone_loss(x, x, x, backend="triton")
-        except ValueError as e:
-            print("ERR", e)
-    """)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert "ERR backend='triton' needs CUDA tensors" in out.stdout, out.stderr
+    """A fused kernel named for tensors it does not run on: one line saying what would work.
+    (This process runs under TRITON_INTERPRET=1: the library makes no exception for it.)"""
+    t, c, g, _, _ = _args()
+    with pytest.raises(ValueError, match="backend='triton' runs importance_clone_loss on CUDA "
+                       "tensors; these are on cpu, where the fused kernel is 'cpp'"):
+        medic_fast.importance_clone_loss(t, c, g, backend="triton")
+    meta = [x.to("meta") for x in (t, c, g)]
+    with pytest.raises(ValueError, match="backend='cpp' runs importance_clone_loss on CPU tensors; "
+                       "these are on meta, which has no fused kernel"):
+        medic_fast.importance_clone_loss(*meta, backend="cpp")
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cpp', "
+                       r"'triton'\) for importance_clone_loss, got 'cuda'"):
+        medic_fast.ImportanceCloneLoss(backend="cuda")
 
 
-def test_build_failure_is_explained_and_reference_still_works(tmp_path):
-    """A broken extension source: the error says why, and backend='reference' keeps working."""
+def test_build_failure_is_explained_and_auto_falls_back_with_one_warning(tmp_path):
+    """A broken extension source: a named fused kernel raises why; "auto" runs the reference with
+    one warning for the whole process (both ops), saying what is lost and why; "reference" works."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "broken.cpp").write_text("this is not C++;\n")
     code = textwrap.dedent(f"""
-        import pathlib, torch, medic_fast
+        import pathlib, warnings, torch, medic_fast
         from medic_fast import _extension
         _extension.source_dir = lambda: pathlib.Path({str(src)!r})
         x = torch.randn(2, 3)
@@ -386,9 +389,75 @@ def test_build_failure_is_explained_and_reference_still_works(tmp_path):
             medic_fast.importance_clone_loss(x, x, x, backend="cpp")
         except _extension.ExtensionUnavailable as e:
             print("ERR", str(e).splitlines()[0])
-        print("REF", float(medic_fast.importance_clone_loss(x, x + 1, x, backend="reference")))
+        head = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+                                   torch.nn.Linear(4, 2)).eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            auto = [medic_fast.importance_clone_loss(x, x + 1, x) for _ in range(2)]
+            found = medic_fast.pocket_search(torch.randn(1, 2, 3), head, torch.tensor([0]),
+                                             torch.tensor([1]), alpha=0.1, lr=0.1, steps=2,
+                                             lo=-9.0, hi=9.0, margin=0.0)
+        print("WARN", len(caught), str(caught[0].message).splitlines()[0])
+        ref = medic_fast.importance_clone_loss(x, x + 1, x, backend="reference")
+        print("AUTO", all(torch.equal(a, ref) for a in auto), found.backend)
     """)
     env = dict(os.environ, MEDIC_FAST_CACHE=str(tmp_path / "cache"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert "ERR building the medic_fast C++ extension failed" in out.stdout, out.stderr
-    assert "REF" in out.stdout
+    assert ("WARN 1 medic_fast: backend='auto' runs the plain-PyTorch reference instead of the "
+            "fused kernels: same results, several times slower. To get them back: building the "
+            "medic_fast C++ extension failed") in out.stdout, out.stdout + out.stderr
+    assert "AUTO True reference" in out.stdout, out.stderr
+
+
+# --- the op itself ------------------------------------------------------------------------
+
+def test_extension_loaded_before_the_ops_are_defined():
+    """The extension only registers kernels; loaded before medic_fast defines the ops (and their
+    schemas), the dispatcher still pairs them up."""
+    code = textwrap.dedent(f"""
+        import torch
+        torch.ops.load_library({_extension.load()!r})
+        import medic_fast
+        x = torch.randn(2, 5)
+        c = (x + 1).requires_grad_()
+        loss = medic_fast.importance_clone_loss(x, c, x, backend="cpp")
+        loss.backward()
+        ref = medic_fast.importance_clone_loss(x, x + 1, x, backend="reference")
+        print("OK", torch.allclose(loss, ref), c.grad is not None)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "OK True True" in out.stdout, out.stderr
+
+
+
+def op_args(seed, *, need_grad, reduce_rows, signed):
+    """Fresh random arguments of ``medic_fast::importance_clone_loss``: three layers with
+    per-neuron statistics, per-channel ones, and bfloat16 rows with a padded row stride."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    layers = []
+    for m, nstat, inner, dtype, pad in [(20, 20, 1, torch.float32, 0),
+                                        (48, 3, 16, torch.float32, 0),
+                                        (33, 33, 1, torch.bfloat16, 5)]:
+        t = rand(3, m + pad)[:, :m].to(dtype)
+        c = (t.float() + 0.5 * rand(3, m)).to(dtype).requires_grad_(need_grad)
+        s = torch.rand(nstat, generator=gen) + 0.5
+        layers.append((t, c, (0.2 * rand(3, m)).to(dtype), 0.3 * rand(nstat), 1 / s, 5.0 * s,
+                       inner))
+    return (*(list(x) for x in zip(*layers)), 5.0, signed, [1 / 3] * 3, reduce_rows, need_grad)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("need_grad, reduce_rows, signed",
+                         [(True, True, False), (True, False, True), (False, True, True)])
+def test_opcheck(backend_arg, need_grad, reduce_rows, signed):
+    """torch.library.opcheck, every sub-test: the schema (no input mutated, no output aliasing
+    an input), the autograd registration, the fake kernel against the real one, and AOTAutograd
+    (outputs and gradients, dynamic shapes) against eager."""
+    args = op_args(4 * need_grad + 2 * reduce_rows + signed, need_grad=need_grad,
+                   reduce_rows=reduce_rows, signed=signed)
+    torch.library.opcheck(torch.ops.medic_fast.importance_clone_loss.default, args)

@@ -1,0 +1,59 @@
+"""Running every fused kernel of the ops on this CPU-only machine.
+
+CPU tensors dispatch ``medic_fast::importance_clone_loss`` to its C++ kernel, and ``"triton"``
+is refused for them. Triton's interpreter (``TRITON_INTERPRET=1``, set in ``tests/conftest.py``)
+runs the Triton kernels on CPU tensors, though, so for the tests the Triton launcher can stand in
+as the op's CPU kernel: the Triton path then runs through the real op, with its autograd, fake
+and compile support, and the library needs no special case for the interpreter.
+"""
+import contextlib
+import warnings
+
+import pytest
+import torch
+
+from medic_fast import _extension
+
+
+@contextlib.contextmanager
+def triton_as_cpu_kernel():
+    """Inside, the Triton launcher is the CPU kernel of ``medic_fast::importance_clone_loss``;
+    leaving restores the C++ kernel. Fails if the Triton kernel never ran."""
+    from medic_fast.kernels import importance_clone
+
+    _extension.load()  # the C++ kernel first: it must be the one overridden, not the overrider
+    calls = []
+
+    def kernel(*args):
+        calls.append(1)
+        return importance_clone.forward(*args)
+
+    with torch.library._scoped_library("medic_fast", "IMPL") as lib:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"(?s).*Overriding a previously registered kernel")
+            lib.impl("importance_clone_loss", kernel, "CPU")
+        yield
+    assert calls, "the Triton kernel never ran"
+
+
+@pytest.fixture
+def backend_arg(backend):
+    """The ``backend=`` that runs the parametrised ``backend`` on CPU tensors: the name itself,
+    except ``"triton"``, which runs as the op's CPU kernel and so is named ``"cpp"``."""
+    if backend == "reference":
+        yield backend
+    elif backend == "triton":
+        with triton_as_cpu_kernel():
+            yield "cpp"
+    else:
+        _extension.load()  # opcheck calls the op directly, without the public function's resolver
+        yield backend
+
+
+@pytest.fixture
+def one_thread():
+    """One thread for the test (restored after), for small problems on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
