@@ -1,99 +1,63 @@
 """Build the C++ extension ahead of time: ``python -m medic_fast.build``.
 
-``--check-cuda`` also compiles every ``csrc/*.cu`` with the machine's ``nvcc`` for sm_80 and sm_90
-(``-Xptxas -v``) and fails on a compile error or a register spill; it works without a GPU and
-without a CUDA build of PyTorch, because the ``.cu`` files include no PyTorch headers.
+``--check-gpu`` instead compiles every GPU kernel for sm_80 and sm_90: the Triton kernels of
+``medic_fast.kernels`` (each variant that ``aot_variants()`` lists) and ``csrc/*.cu`` (with the
+machine's ``nvcc``). It prints one table (registers, spills, stack frame, shared memory) and exits
+non-zero on a compile failure, a spill, or a kernel no variant covers. It needs no GPU and no CUDA
+build of PyTorch (the ``.cu`` files include no PyTorch headers); a part whose compiler is missing
+is skipped, with a note. ``python -m medic_fast.kernels.aot`` is ``--check-gpu --kind triton``.
 """
 from __future__ import annotations
 
 import argparse
-import re
-import shutil
-import subprocess
+import json
 import sys
-import tempfile
+import time
 
-from medic_fast import _extension
-
-ARCHS = ("sm_80", "sm_90")
+from medic_fast import _extension, gpu_compile
 
 
-def check_cuda(archs=ARCHS, verbose: bool = True) -> list[dict]:
-    """Compile each ``.cu`` for each arch; return one record per (file, arch, kernel).
-
-    Raises ``RuntimeError`` on a compile error or a spill. Returns ``[]`` when there is no nvcc.
-    """
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return []
-    records = []
-    for cu in sorted(_extension.source_dir().glob("*.cu")):
-        for arch in archs:
-            with tempfile.TemporaryDirectory() as tmp:
-                cmd = [nvcc, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-c",
-                       str(cu), "-I", str(_extension.source_dir()), "-o", f"{tmp}/out.o"]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"nvcc failed on {cu.name} for {arch}:\n{proc.stderr}")
-            for rec in _parse_ptxas(proc.stderr):
-                rec.update(file=cu.name, arch=arch)
-                records.append(rec)
-                if verbose:
-                    print(f"{cu.name:28s} {arch}  {rec['kernel'][:48]:48s} regs={rec['registers']:3d} "
-                          f"spill_stores={rec['spill_stores']} spill_loads={rec['spill_loads']} "
-                          f"smem={rec['shared']}")
-    spills = [r for r in records if r["spill_stores"] or r["spill_loads"]]
-    if spills:
-        raise RuntimeError(f"register spills in: {[(r['file'], r['arch'], r['kernel']) for r in spills]}")
-    return records
-
-
-def _parse_ptxas(text: str) -> list[dict]:
-    """Read kernel name, registers, spills and shared memory from ``ptxas -v`` output."""
-    out, cur = [], None
-    for line in text.splitlines():
-        m = re.search(r"Compiling entry function '([^']+)'", line)
-        if m:
-            cur = {"kernel": m.group(1), "registers": 0, "spill_stores": 0, "spill_loads": 0, "shared": 0}
-            out.append(cur)
-            continue
-        if cur is None:
-            continue
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
-            cur["spill_stores"], cur["spill_loads"] = int(m.group(1)), int(m.group(2))
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            cur["registers"] = int(m.group(1))
-        m = re.search(r"(\d+) bytes smem", line)
-        if m:
-            cur["shared"] = int(m.group(1))
-    return out
+def check_gpu(kinds=gpu_compile.KINDS, json_path: str | None = None) -> int:
+    """Run :func:`medic_fast.gpu_compile.check`; print the table (on stderr when the JSON goes to
+    stdout) and a summary, write the records as JSON; 1 on any problem."""
+    out = sys.stderr if json_path == "-" else sys.stdout
+    start = time.perf_counter()
+    records = gpu_compile.check(kinds, log=lambda line: print(line, file=out, flush=True))
+    failed = any(r["problem"] for r in records)
+    for line in gpu_compile.summary(records):
+        print(line, file=out)
+    print(f"check-gpu: {'FAILED' if failed else 'ok'}, {len(records)} records for "
+          f"{', '.join(f'sm_{a}' for a in gpu_compile.ARCHS)} in "
+          f"{time.perf_counter() - start:.1f} s", file=out)
+    if json_path == "-":
+        json.dump(records, sys.stdout, indent=1)
+    elif json_path:
+        with open(json_path, "w") as f:
+            json.dump(records, f, indent=1)
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m medic_fast.build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--verbose", action="store_true", help="show the compiler's commands")
-    p.add_argument("--check-cuda", action="store_true",
-                   help="also compile csrc/*.cu with nvcc for sm_80 and sm_90 and fail on spills")
+    p.add_argument("--check-gpu", action="store_true",
+                   help="compile every Triton and CUDA kernel for sm_80 and sm_90, fail on spills")
+    p.add_argument("--kind", choices=gpu_compile.KINDS, action="append",
+                   help="with --check-gpu: only this kind of kernel (repeatable)")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="with --check-gpu: write the records as JSON to PATH (stdout if none)")
     args = p.parse_args(argv)
+    if (args.kind or args.json) and not args.check_gpu:
+        p.error("--kind and --json go with --check-gpu")
+    if args.check_gpu:
+        return check_gpu(args.kind or gpu_compile.KINDS, args.json)
     try:
         path = _extension.load(verbose=args.verbose)
     except _extension.ExtensionUnavailable as e:
         print(f"medic_fast: {e}", file=sys.stderr)
         return 1
     print(f"medic_fast: extension ready at {path}")
-    if args.check_cuda:
-        if shutil.which("nvcc") is None:
-            print("medic_fast: nvcc not found; CUDA sources not checked")
-            return 0
-        try:
-            recs = check_cuda()
-        except RuntimeError as e:
-            print(f"medic_fast: {e}", file=sys.stderr)
-            return 1
-        print(f"medic_fast: {len(recs)} CUDA kernels compiled for {', '.join(ARCHS)}, no spills")
     return 0
 
 
