@@ -11,16 +11,15 @@ is :mod:`medic_fast.zoo`.
 """
 from medic_fast.clear import ScanReport, patch, scan
 from medic_fast.medic import Cloner, Result, finetune, sanitize, train_from_scratch
-from medic_fast.medic.cloner import collect_token_stats
-from medic_fast.medic.sanitize import evaluate
 from medic_fast.ops import (ImportanceCloneLoss, PocketResult, importance_clone_loss,
                             importance_weights, pocket_search)
 from medic_fast.stats import LayerStats, collect_stats
+from medic_fast.train import evaluate
 
 __version__ = "0.1.0"
 
 __all__ = ["importance_clone_loss", "importance_weights", "ImportanceCloneLoss",
            "pocket_search", "PocketResult",
            "Cloner", "sanitize", "finetune", "train_from_scratch", "Result",
-           "collect_stats", "collect_token_stats", "LayerStats", "evaluate",
+           "collect_stats", "LayerStats", "evaluate",
            "scan", "patch", "ScanReport"]

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, TensorDataset
 
-__all__ = ["check_pair", "as_dataset", "make_loader", "set_epoch", "split", "RandomCropFlip"]
+__all__ = ["check_pair", "as_dataset", "make_loader", "labelled_batches", "set_epoch", "split",
+           "RandomCropFlip"]
 
 
 def check_pair(X, y, name: str) -> None:
@@ -80,6 +81,15 @@ def make_loader(data, *, batch_size: int = 64, shuffle: bool = False, seed: int 
         return DataLoader(dataset, batch_size=None,
                           sampler=BatchSampler(sampler, batch_size, drop_last))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+
+
+def labelled_batches(data, batch_size: int = 256, name: str = "data"):
+    """Yield the ``(inputs, labels)`` of each batch of ``data`` (see :func:`make_loader`)."""
+    for item in make_loader(data, batch_size=batch_size, name=name):
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise TypeError(f"{name} must yield (inputs, labels, ...) batches, got "
+                            f"{type(item).__name__}")
+        yield item[0], torch.as_tensor(item[1])
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

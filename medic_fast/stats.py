@@ -9,14 +9,15 @@ process ends with the statistics of the whole data set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from medic_fast._utils import device_of, dist_shard, eval_mode
-from medic_fast.capture import ActivationCapture, inplace_modified, resolve_layers
+from medic_fast._utils import check_int, device_of, dist_shard, eval_mode, inner_module
+from medic_fast.capture import (ActivationCapture, check_mask, inplace_modified, mask_applies,
+                                resolve_layers, rows_start_dim)
 from medic_fast.data import make_loader
 
 __all__ = ["LayerStats", "collect_stats"]
@@ -59,8 +60,9 @@ class _Moments:
         self.m2 += m2 + delta.square() * (self.n * n / total)
         self.n = total
 
-    def add_batch(self, x: Tensor, per: str) -> None:
-        x = x.detach().to(torch.float64)
+    def add_batch(self, rows: Tensor, per: str) -> None:
+        """Add ``rows`` ``[R, *features]``: per channel (``features[0]``) or per neuron."""
+        x = rows.detach().to(torch.float64)
         dims = [d for d in range(x.dim()) if d != 1] if per == "channel" else [0]
         var, mean = torch.var_mean(x, dims, correction=0)
         n = float(x.numel() // mean.numel())
@@ -93,44 +95,66 @@ def _all_gather_moments(moments: List[_Moments]) -> None:
 
 @torch.no_grad()
 def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None,
-                  per: str = "channel", *, batch_size: int = 256, device=None) -> LayerStats:
+                  per: str = "channel", *, start_dim: Optional[int] = None,
+                  mask_fn: Optional[Callable[[Tensor], Tensor]] = None, select=None,
+                  copy: Optional[Sequence[str]] = None, batch_size: int = 256,
+                  device=None) -> LayerStats:
     """Mean and std of the outputs of ``layers`` of ``model`` over ``data``, in eval mode.
 
+    Each output is cut into rows ``shape[:start_dim]`` and features ``shape[start_dim:]``, as
+    the importance clone loss cuts it, and the statistics are over rows:
+
+    * ``per="channel"``: one statistic per ``shape[start_dim]`` (per channel of a conv map, per
+      feature of a 2-D output, per hidden unit of a ``[B, T, H]`` output with a row per token);
+    * ``per="neuron"``: one per element of ``shape[start_dim:]``.
+
     Args:
-        model: the (trojaned) model; it is put in eval mode for the pass and its training flags
-            are restored afterwards; nothing else of it changes.
+        model: the (trojaned) model (a DDP / compiled wrapper is unwrapped); it is put in eval
+            mode for the pass and its training flags are restored; nothing else of it changes.
         data: a ``Dataset``, ``DataLoader`` or ``(X, y)`` pair (labels are not used).
         layers: module names; default every conv and BatchNorm layer.
-        per: ``"channel"`` (over batch and spatial positions; for 2-D outputs, per feature) or
-            ``"neuron"`` (over the batch only: one statistic per element of the feature map).
+        start_dim: per layer by default (:func:`~medic_fast.capture.rows_start_dim`: a row per
+            token for 3-D outputs of modules other than conv/BatchNorm, else a row per sample).
+        mask_fn: ``inputs -> [B, T]`` bool, True at real tokens: rows that are padding are left
+            out of the statistics of the layers whose rows are ``[B, T]``.
+        select: which tensor of a tuple output is the activation (see ``ActivationCapture``).
+        copy: outputs modified in place later in the forward (see ``ActivationCapture``); found
+            on the first batch when None.
         batch_size: for ``(X, y)`` or ``Dataset`` data.
         device: where to run; default the model's parameters' device.
 
-    Under an initialised ``torch.distributed`` process group each process reads its
-    ``rank``-th share of the data and the result is the statistics of all of it.
+    ``count`` is the number of samples. Under an initialised ``torch.distributed`` process group
+    each process reads its ``rank``-th share of the data and the result is the statistics of all
+    of it.
     """
     if per not in PER:
         raise ValueError(f"per must be one of {PER}, got {per!r}")
+    if start_dim is not None:
+        check_int("start_dim", start_dim, 1)
+    if mask_fn is not None and not callable(mask_fn):
+        raise TypeError(f"mask_fn must be callable (inputs -> [B, T] bool), got "
+                        f"{type(mask_fn).__name__}")
+    model = inner_module(model)
     names = resolve_layers(model, layers)
-    return _collect(model, make_loader(data, batch_size=batch_size, shard=dist_shard()), names, per,
-                    device_of(model, device))
-
-
-def _collect(model: nn.Module, loader, names: List[str], per: str, device,
-             copy: Optional[List[str]] = None) -> LayerStats:
-    """:func:`collect_stats` on a ready loader; ``copy`` as in :class:`ActivationCapture`
-    (found with :func:`inplace_modified` on the first batch when None)."""
+    device = device_of(model, device)
+    loader = make_loader(data, batch_size=batch_size, shard=dist_shard())
     moments = [_Moments() for _ in names]
     count = 0
     with eval_mode(model):
         for batch in loader:
             x = batch[0].to(device)
             if copy is None:
-                copy = inplace_modified(model, names, x)
-            with ActivationCapture(model, names, copy=copy) as cap:
+                copy = inplace_modified(model, names, x, select)
+            with ActivationCapture(model, names, select=select, copy=copy) as cap:
                 model(x)
-                for m, a in zip(moments, cap.outputs()):
-                    m.add_batch(a, per)
+                acts = cap.outputs()
+            mask = None if mask_fn is None else check_mask(mask_fn(x), x)
+            for name, module, mom, a in zip(names, cap.modules, moments, acts):
+                sd = rows_start_dim(module, a, start_dim)
+                rows = a.reshape(-1, *a.shape[sd:])
+                if mask is not None and mask_applies(mask, a.shape[:sd], name):
+                    rows = rows[mask.reshape(-1).bool()]
+                mom.add_batch(rows, per)
             count += x.shape[0]
     return _finalize(names, moments, count, per)
 

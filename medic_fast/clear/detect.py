@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from medic_fast.clear import graph
-from medic_fast.clear._data import batches, catch_input
-from medic_fast._utils import device_of
+from medic_fast._utils import check_int, device_of
+from medic_fast.capture import ActivationCapture
+from medic_fast.data import labelled_batches
 from medic_fast.ops.pocket_search import pocket_search
 
 __all__ = ["scan", "ScanReport", "DEFAULTS", "BOX_SLACK"]
@@ -83,24 +84,18 @@ class ScanReport:
                 f"{sorted(self.skipped)}; cut={self.cut!r}; {self.timing['total']:.2f} s)")
 
 
-def _int(name: str, x, low: int) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or x < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {x!r}")
-    return x
-
-
 def _features(model: nn.Module, cut: str, data) -> Tuple[Tensor, Tensor, Tensor]:
     """Features at the cut, logits and labels of every sample of ``data``."""
     device = device_of(model)
     phis, logits, labels = [], [], []
-    with catch_input(model.get_submodule(cut)) as caught, torch.no_grad():
-        for x, y in batches(data):
+    with ActivationCapture(model, [cut], inputs=True) as cap, torch.no_grad():
+        for x, y in labelled_batches(data):
             out = model(x.to(device))
             if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != len(x):
                 shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(f"the model must return logits [N, classes]; on a batch of "
                                  f"{len(x)} it returned {shape}")
-            phis.append(caught[0])
+            phis.append(cap.outputs()[0])
             logits.append(out.float())
             labels.append(y.to(device).long())
     if not labels:
@@ -122,8 +117,9 @@ def scan(model: nn.Module, data, *, cut: Optional[str] = None, n: int = 50, k: i
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    n, k, restarts = _int("n", n, 1), _int("k", k, 2), _int("restarts", restarts, 1)
-    seed = _int("seed", seed, 0)
+    n, k = check_int("n", n, 1), check_int("k", k, 2)
+    restarts = check_int("restarts", restarts, 1)
+    seed = check_int("seed", seed, 0)
     if k > n:
         raise ValueError(f"k={k} anchors cannot be drawn from n={n} samples; need k <= n")
     if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))

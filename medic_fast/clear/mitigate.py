@@ -3,47 +3,57 @@ samples plus the pocket samples labelled with their anchors' class; the input mo
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
+from medic_fast._utils import check_int, check_module, check_number, device_of, eval_mode
+from medic_fast.capture import ActivationCapture
 from medic_fast.clear import graph
-from medic_fast._utils import eval_mode
-from medic_fast.clear._data import batches, inputs_of
-from medic_fast._utils import device_of
 from medic_fast.clear.detect import ScanReport
+from medic_fast.data import labelled_batches, make_loader
+from medic_fast.train import fit
 
 __all__ = ["patch"]
 
 
+@torch.no_grad()
+def _inputs_of(model: nn.Module, name: str, run, xs) -> Tensor:
+    """The inputs module ``name`` of ``model`` receives while ``run`` (``model`` or a part of it
+    sharing its modules) processes each tensor of ``xs``, concatenated."""
+    out = []
+    with ActivationCapture(model, [name], inputs=True) as cap:
+        for x in xs:
+            run(x)
+            out.append(cap.outputs()[0])
+    return torch.cat(out)
+
+
 def patch(model: nn.Module, report: ScanReport, data, *, epochs: int = 5, lr: float = 0.1,
           per_class: int = 50, batch_size: int = 32, seed: int = 0) -> nn.Module:
-    """A copy of ``model`` whose last Linear layer is fine-tuned (Adam, ``lr``, ``epochs``) on at
-    most ``per_class`` clean samples per class of ``data`` plus ``report``'s pocket samples with
-    their source labels. Pocket samples live at ``report.cut``; they go through the model from
-    there to the last Linear layer. Everything before that layer is frozen, so its inputs are
-    computed once, in eval mode."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    """A copy of ``model`` whose last Linear layer is fine-tuned (Adam, constant ``lr``,
+    ``epochs``) on at most ``per_class`` clean samples per class of ``data`` plus ``report``'s
+    pocket samples with their source labels. Pocket samples live at ``report.cut``; they go
+    through the model from there to the last Linear layer. Everything before that layer is
+    frozen, so its inputs are computed once, in eval mode."""
+    check_module("model", model)
     if not isinstance(report, ScanReport):
         raise TypeError("report must be the ScanReport returned by scan, got "
                         f"{type(report).__name__}")
     for name, v in (("epochs", epochs), ("per_class", per_class), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        check_int(name, v)
+    check_number("lr", lr, positive=True)
     new = copy.deepcopy(model)
     linears = graph.linear_modules(new)
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to fine-tune")
-    last = new.get_submodule(linears[-1])
+    last_name = linears[-1]
+    last = new.get_submodule(last_name)
     device = device_of(new)
     with eval_mode(new):
         xs, ys, seen = [], [], {}
-        for x, y in batches(data):
+        for x, y in labelled_batches(data):
             keep = []
             for i, label in enumerate(y.tolist()):
                 if seen.get(label, 0) < per_class:
@@ -54,26 +64,26 @@ def patch(model: nn.Module, report: ScanReport, data, *, epochs: int = 5, lr: fl
                 ys.append(y[keep].long())
         if not xs:
             raise ValueError("data is empty")
-        z = [inputs_of(last, new, xs)]
+        z = [_inputs_of(new, last_name, new, xs)]
         labels = [torch.cat(ys)]
         if len(report.pocket_samples):
             head = graph.split(new, report.cut)
-            z.append(inputs_of(last, head, [report.pocket_samples.to(device)]))
+            z.append(_inputs_of(new, last_name, head, [report.pocket_samples.to(device)]))
             labels.append(report.pocket_sources.cpu())
     z, labels = torch.cat(z), torch.cat(labels).to(device)
     if int(labels.min()) < 0 or int(labels.max()) >= last.out_features:
         raise ValueError(f"data has labels outside [0, {last.out_features}), the model's classes")
 
     layer = copy.deepcopy(last).requires_grad_(True)
-    opt = torch.optim.Adam(layer.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
+
+    def objective(x, y):
+        ce = F.cross_entropy(layer(x), y)
+        return ce, {}
+
+    loader = make_loader((z, labels), batch_size=batch_size, shuffle=True, seed=seed)
     with torch.enable_grad():
-        for _ in range(epochs):
-            for b in torch.randperm(len(z), generator=gen).split(batch_size):
-                b = b.to(device)
-                opt.zero_grad()
-                F.cross_entropy(layer(z[b]), labels[b]).backward()
-                opt.step()
+        fit(layer, loader, objective, epochs=epochs, lr=lr, schedule="constant", seed=seed,
+            device=device)
     with torch.no_grad():
         last.weight.copy_(layer.weight)
         if last.bias is not None:

@@ -1,132 +1,32 @@
-"""MEDIC inside a user's own training loop, for transformers as well as CNNs.
+"""MEDIC inside any training loop: :class:`Cloner`, the one clone objective of the package.
 
-* :class:`Cloner`: ``loss = cloner(inputs, labels, mask)`` is ``CE(student(inputs), labels) +
-  lam * importance_clone_loss(all hooked layers)`` for one step; the user calls ``backward`` and
-  steps the optimizer. Rows are tokens for 3-D activations ``[B, T, H]`` (``start_dim=2``) and
-  padded tokens (``mask`` False) contribute nothing.
-* :func:`collect_token_stats`: per-hidden-unit statistics over the real tokens of a data set.
-* :func:`masked_clone_loss`: the importance clone loss averaged over the rows a mask keeps.
-* :class:`TokenCapture`: :class:`~medic_fast.capture.ActivationCapture` for modules that return
-  tuples (``nn.MultiheadAttention``, most transformer blocks): one tensor is picked (configurable)
-  and a replacement made by the capture is put back in its place in the tuple.
+``loss = cloner(inputs, labels, mask)`` is ``CE(student(inputs), labels) + lam *
+importance_clone_loss(all hooked layers)`` for one step; the caller runs ``backward`` and steps
+the optimizer (:func:`medic_fast.sanitize` does this with :func:`medic_fast.train.fit`). It works
+for CNNs (a row per sample) and transformers (a row per token for 3-D activations ``[B, T, H]``;
+padded tokens, ``mask`` False, contribute nothing), with tuple outputs, in-place activations,
+``torch.autocast``, non-reentrant activation checkpointing and DDP.
 
 Hooks exist only during the forwards of :meth:`Cloner.losses`, so the recomputation of a
 checkpointed student in backward does not fire them, and the models run hook-free elsewhere.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves, tree_map
 
-from medic_fast._utils import device_of, dist_shard, eval_mode, inner_module
-from medic_fast.capture import ActivationCapture, resolve_layers, teacher_signals
-from medic_fast.data import make_loader
+from medic_fast._utils import check_int, check_module, check_number, device_of, eval_mode, \
+    inner_module
+from medic_fast.capture import (ActivationCapture, check_mask, inplace_modified, mask_applies,
+                                resolve_layers, rows_start_dim, teacher_signals)
 from medic_fast.ops.importance_clone import CRITERIA, importance_clone_loss
-from medic_fast.stats import LayerStats, _finalize, _Moments
+from medic_fast.stats import LayerStats
 
-__all__ = ["Cloner", "TokenCapture", "collect_token_stats", "masked_clone_loss"]
-
-Select = Union[None, int, Callable[[object], Tensor]]
-
-
-def _check_select(name: str, select) -> Select:
-    if select is None or callable(select) or (isinstance(select, int)
-                                              and not isinstance(select, bool)):
-        return select
-    raise TypeError(f"select for layer {name!r} must be None (the first tensor of the output), "
-                    f"an int index or a callable output -> Tensor, got {type(select).__name__}")
-
-
-class TokenCapture(ActivationCapture):
-    """:class:`ActivationCapture` that also hooks modules returning tuples (or other nests).
-
-    ``select``: which tensor of a non-tensor output is the activation: ``None`` (the first
-    tensor in it), an int index, a callable ``output -> Tensor`` returning one of the output's
-    tensors, or a mapping from layer name to one of these. A tensor output is taken as is.
-    """
-
-    def __init__(self, model: nn.Module, layers: Sequence[str], *, select=None,
-                 differentiable: bool = False, copy: Sequence[str] = ()):
-        super().__init__(model, layers, differentiable=differentiable, copy=copy)
-        if isinstance(select, Mapping):
-            unknown = set(select) - set(self.layers)
-            if unknown:
-                raise ValueError(f"select names layers that are not hooked: {sorted(unknown)}")
-            self.select = {n: _check_select(n, select.get(n)) for n in self.layers}
-        else:
-            self.select = {n: _check_select(n, select) for n in self.layers}
-        self._picked: Optional[Tensor] = None
-
-    def _tensor_of(self, name: str, output) -> Tensor:
-        """The selected tensor of ``output`` (remembered, to put a replacement in its place)."""
-        if isinstance(output, Tensor):
-            picked = output
-        else:
-            sel = self.select[name]
-            if sel is None:
-                picked = next((x for x in tree_leaves(output) if isinstance(x, Tensor)), None)
-            elif isinstance(sel, int):
-                try:
-                    picked = output[sel]
-                except (TypeError, IndexError, KeyError) as e:
-                    raise ValueError(f"select={sel} for layer {name!r}: cannot index its output "
-                                     f"({type(output).__name__}): {e}") from None
-            else:
-                picked = sel(output)
-            if not isinstance(picked, Tensor):
-                raise TypeError(f"layer {name!r} returned {type(output).__name__}; the selected "
-                                f"element is {type(picked).__name__}, not a Tensor (set select)")
-        self._picked = picked
-        return picked
-
-    def _hook(self, name: str):
-        hook = super()._hook(name)
-
-        def nested_hook(module, inputs, output):
-            new = hook(module, inputs, output)
-            picked, self._picked = self._picked, None
-            if new is None or isinstance(output, Tensor):
-                return new
-            if new is picked:
-                return None
-            found = []
-
-            def put(x):
-                if x is picked:
-                    found.append(x)
-                    return new
-                return x
-
-            out = tree_map(put, output)
-            if not found:
-                raise ValueError(f"select for layer {name!r} must return one of the tensors of "
-                                 "the module's output itself (not a view or a new tensor), so "
-                                 "the capture can pass its replacement on")
-            return out
-        return nested_hook
-
-
-def _row_dims(x: Tensor, start_dim: Optional[int]) -> int:
-    """The ``start_dim`` of a layer: given, or 2 for 3-D activations (tokens) and 1 otherwise."""
-    if start_dim is not None:
-        return start_dim
-    return 2 if x.dim() == 3 else 1
-
-
-def _check_mask(mask, like: Tensor) -> Tensor:
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a Tensor [B, T] (True at real tokens), got "
-                        f"{type(mask).__name__}")
-    if mask.dtype != torch.bool and (mask.is_floating_point() or mask.is_complex()):
-        raise TypeError(f"mask must be bool (or 0/1 integers), got {mask.dtype}")
-    if mask.device != like.device:
-        raise ValueError(f"mask is on {mask.device} but the activations are on {like.device}")
-    return mask
+__all__ = ["Cloner", "CloneStep", "masked_clone_loss"]
 
 
 def masked_clone_loss(acts_t, acts_c, grads, mean, std, mask: Tensor, *, tau: float,
@@ -139,7 +39,7 @@ def masked_clone_loss(acts_t, acts_c, grads, mean, std, mask: Tensor, *, tau: fl
     masked rows: padded activations get no gradient and change nothing. No kept row: 0.
     """
     first = acts_t if isinstance(acts_t, Tensor) else acts_t[0]
-    mask = _check_mask(mask, first)
+    mask = check_mask(mask, first)
     for i, t in enumerate([acts_t] if isinstance(acts_t, Tensor) else acts_t):
         if t.shape[:start_dim] != mask.shape:
             raise ValueError(f"mask has shape {tuple(mask.shape)} but layer {i} has rows "
@@ -150,11 +50,19 @@ def masked_clone_loss(acts_t, acts_c, grads, mean, std, mask: Tensor, *, tau: fl
     return (rows * keep).sum() / keep.sum().clamp_min(1)
 
 
+@dataclass(frozen=True)
+class CloneStep:
+    """The parts of the last :class:`Cloner` step, detached, for logging."""
+    ce: Tensor
+    clone: Tensor
+
+
 class Cloner:
     """One MEDIC training step's loss for a loop the user owns.
 
     ``loss = cloner(inputs, labels, mask=None)`` returns ``CE(student(inputs), labels) + lam *
     sum_layers importance_clone_loss``; then ``loss.backward(); optimizer.step()``.
+    ``cloner.last`` holds the step's CE and clone loss (detached).
 
     Args:
         teacher: the trojaned model (a DDP / compiled wrapper is unwrapped). It runs in eval mode
@@ -164,40 +72,40 @@ class Cloner:
         student: the clone being trained, as the user runs it: plain, DDP-wrapped (gradients are
             synchronised by calling the wrapper) or ``torch.compile``-d; ``layers`` name
             submodules of the inner module.
-        layers: module names to clone (outputs of transformer blocks, attention, MLPs, ...).
-        stats: :class:`~medic_fast.stats.LayerStats` of the teacher for ``layers``, e.g. from
-            :func:`collect_token_stats`.
+        layers: module names to clone (conv/BN outputs, transformer blocks, attention, MLPs...).
+        stats: :class:`~medic_fast.stats.LayerStats` of the teacher for ``layers``, from
+            :func:`~medic_fast.stats.collect_stats` (with the same ``start_dim`` and ``select``).
         tau, lam, criterion: importance temperature, clone-loss weight, ``"abs"`` | ``"signed"``.
-        start_dim: rows of the loss; ``None``: per layer, 2 (a row per token) for 3-D
-            activations, else 1 (a row per sample).
-        select: which tensor of a tuple output to clone (see :class:`TokenCapture`).
+        start_dim: rows of the loss; ``None``: per layer, as
+            :func:`~medic_fast.capture.rows_start_dim` (a row per token for 3-D outputs of
+            modules other than conv/BatchNorm, else a row per sample).
+        select: which tensor of a tuple output to clone (see
+            :class:`~medic_fast.capture.ActivationCapture`).
+        copy: names of layers whose outputs the forward later modifies in place (e.g. BatchNorm
+            before ``ReLU(inplace=True)``); ``None`` finds them on the first call with one
+            forward of the teacher without gradients.
         backend: of the loss (``"auto"``: the fused kernel for the device).
 
     ``mask`` (``[B, T]``, True at real tokens) applies to the layers whose rows are ``[B, T]``:
-    their loss is the mean over real tokens. The CE is the student's own (its model handles
-    padding). Works under ``torch.autocast``, with non-reentrant activation checkpointing in the
-    student, and under DDP; reentrant checkpointing is detected and refused.
+    their loss is the mean over real tokens; rows of the same rank but another shape are an
+    error. The CE is the student's own (its model handles padding). Reentrant checkpointing in
+    the student is detected and refused.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, layers: Sequence[str],
                  stats: LayerStats, tau: float = 5.0, lam: float = 10.0, *,
                  criterion: str = "abs", start_dim: Optional[int] = None, select=None,
-                 backend: str = "auto"):
-        for name, m in (("teacher", teacher), ("student", student)):
-            if not isinstance(m, nn.Module):
-                raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
+                 copy: Optional[Sequence[str]] = None, backend: str = "auto"):
+        check_module("teacher", teacher)
+        check_module("student", student)
         if not isinstance(stats, LayerStats):
-            raise TypeError(f"stats must be a LayerStats (see collect_token_stats), got "
+            raise TypeError(f"stats must be a LayerStats (see collect_stats), got "
                             f"{type(stats).__name__}")
-        for name, v in (("tau", tau), ("lam", lam)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 \
-                    or v == float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        self.tau, self.lam = check_number("tau", tau), check_number("lam", lam)
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-        if start_dim is not None and (not isinstance(start_dim, int) or isinstance(start_dim, bool)
-                                      or start_dim < 1):
-            raise ValueError(f"start_dim must be None or an int >= 1, got {start_dim!r}")
+        if start_dim is not None:
+            check_int("start_dim", start_dim, 1)
         self.teacher, self.student = inner_module(teacher), student
         names = resolve_layers(self.teacher, layers)
         resolve_layers(inner_module(student), names)
@@ -205,24 +113,37 @@ class Cloner:
             raise ValueError(f"stats are for layers {stats.layers}, but layers is {names}")
         self.layers = names
         self.stats = stats.to(device_of(inner_module(student)))
-        self.tau, self.lam, self.criterion = float(tau), float(lam), criterion
-        self.start_dim, self.backend = start_dim, backend
-        self._tcap = TokenCapture(self.teacher, names, select=select, differentiable=True)
-        self._ccap = TokenCapture(inner_module(student), names, select=select)
+        self.criterion, self.start_dim, self.backend = criterion, start_dim, backend
+        self.select = select
+        self.copy = None if copy is None else list(copy)
+        self.last: Optional[CloneStep] = None
+        self._tcap = self._ccap = None
+        if self.copy is not None:
+            self._make_captures()
+
+    def _make_captures(self) -> None:
+        self._tcap = ActivationCapture(self.teacher, self.layers, select=self.select,
+                                       differentiable=True, copy=self.copy)
+        self._ccap = ActivationCapture(inner_module(self.student), self.layers,
+                                       select=self.select, copy=self.copy)
 
     def __call__(self, inputs, labels: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         ce, clone = self.losses(inputs, labels, mask)
+        self.last = CloneStep(ce.detach(), clone.detach())
         return ce + self.lam * clone
 
     @torch.compiler.disable
     def losses(self, inputs, labels: Tensor, mask: Optional[Tensor] = None
                ) -> Tuple[Tensor, Tensor]:
-        """``(CE, clone loss)`` of the step, before weighting (for logging).
+        """``(CE, clone loss)`` of the step, before weighting.
 
         Not traced by ``torch.compile`` (Dynamo mis-handles hooks added and removed inside a
         compiled frame): in a compiled step it runs eagerly, while a ``torch.compile``-d
         student (or teacher) passed to the Cloner runs its compiled code with the hooks.
         """
+        if self._tcap is None:
+            self.copy = inplace_modified(self.teacher, self.layers, inputs, self.select)
+            self._make_captures()
         with eval_mode(self.teacher), self._tcap as tcap, self._ccap as ccap:
             acts_t, grads = teacher_signals(self.teacher, tcap, inputs, labels)
             ce = F.cross_entropy(self.student(inputs), labels)
@@ -240,10 +161,12 @@ class Cloner:
     def _clone_loss(self, acts_t: List[Tensor], acts_c: List[Tensor], grads: List[Tensor],
                     mask: Optional[Tensor]) -> Tensor:
         """Sum of the layer losses: one fused call per group of layers with the same rows."""
+        if mask is not None:
+            mask = check_mask(mask, acts_t[0])
         groups: Dict[Tuple[int, bool], List[int]] = {}
-        for i, t in enumerate(acts_t):
-            sd = _row_dims(t, self.start_dim)
-            masked = mask is not None and t.shape[:sd] == mask.shape
+        for i, (name, module, t) in enumerate(zip(self.layers, self._tcap.modules, acts_t)):
+            sd = rows_start_dim(module, t, self.start_dim)
+            masked = mask is not None and mask_applies(mask, t.shape[:sd], name)
             groups.setdefault((sd, masked), []).append(i)
         total = None
         for (sd, masked), idx in groups.items():
@@ -257,43 +180,3 @@ class Cloner:
                                              start_dim=sd, backend=self.backend)
             total = part if total is None else total + part
         return total
-
-
-@torch.no_grad()
-def collect_token_stats(model: nn.Module, data, layers: Sequence[str], *,
-                        mask_fn: Optional[Callable[[Tensor], Tensor]] = None, select=None,
-                        batch_size: int = 256, device=None) -> LayerStats:
-    """Per-channel mean and std of the outputs of ``layers`` over the real tokens of ``data``.
-
-    A 3-D output ``[B, T, H]`` gives one statistic per hidden unit ``H`` over the tokens where
-    ``mask_fn(inputs)`` (``[B, T]`` bool) is True (every token when ``mask_fn`` is None); other
-    outputs are per channel as in :func:`~medic_fast.stats.collect_stats`. ``model`` runs in eval
-    mode (its flags are restored); ``data``, ``batch_size``, ``device`` and distributed sharding
-    as in ``collect_stats``; ``select`` as in :class:`TokenCapture`. ``count`` is the number of
-    sequences.
-    """
-    if mask_fn is not None and not callable(mask_fn):
-        raise TypeError(f"mask_fn must be callable (inputs -> [B, T] bool), got "
-                        f"{type(mask_fn).__name__}")
-    model = inner_module(model)
-    names = resolve_layers(model, layers)
-    device = device_of(model, device)
-    loader = make_loader(data, batch_size=batch_size, shard=dist_shard())
-    moments = [_Moments() for _ in names]
-    count = 0
-    with eval_mode(model), TokenCapture(model, names, select=select) as cap:
-        for batch in loader:
-            x = batch[0].to(device)
-            model(x)
-            mask = None if mask_fn is None else _check_mask(mask_fn(x), x)
-            for name, mom, a in zip(names, moments, cap.outputs()):
-                if a.dim() == 3 and mask is not None:
-                    if a.shape[:2] != mask.shape:
-                        raise ValueError(f"mask_fn gave shape {tuple(mask.shape)} but layer "
-                                         f"{name!r} has [B, T] = {tuple(a.shape[:2])}")
-                    a = a[mask.bool()]
-                elif a.dim() == 3:
-                    a = a.reshape(-1, a.shape[-1])
-                mom.add_batch(a, "channel")
-            count += x.shape[0]
-    return _finalize(names, moments, count, "channel")

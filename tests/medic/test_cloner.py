@@ -9,9 +9,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 
 import medic_fast
-from medic_fast.medic.cloner import Cloner, TokenCapture, collect_token_stats, masked_clone_loss
+from medic_fast.capture import ActivationCapture
+from medic_fast.medic.cloner import Cloner, masked_clone_loss
+from medic_fast.stats import collect_stats
+from medic_fast.zoo import datasets, models
 from medic_fast.zoo.transformer import (TinyTransformer, TokenTrigger, make_sequences,
                                     padding_mask)
 
@@ -35,7 +39,7 @@ def data():
 @pytest.fixture(scope="module")
 def stats(data):
     teacher, _ = _models()
-    return collect_token_stats(teacher, data, LAYERS, mask_fn=padding_mask, batch_size=20)
+    return collect_stats(teacher, data, LAYERS, mask_fn=padding_mask, batch_size=20)
 
 
 def _record(model, names):
@@ -55,13 +59,13 @@ def test_tuple_capture_selects_and_passes_replacement_on(data):
     with torch.no_grad():
         expected_logits = teacher(X)
     for sel in (None, 0, lambda out: out[0]):
-        with TokenCapture(teacher, ["blocks.1.self_attn"], select=sel) as cap, torch.no_grad():
+        with ActivationCapture(teacher, ["blocks.1.self_attn"], select=sel) as cap, torch.no_grad():
             teacher(X)
             (a,) = cap.outputs()
         assert torch.equal(a, store["blocks.1.self_attn"])
     # The teacher's capture replaces the (grad-free) tensor by a leaf: it must go back into the
     # tuple, so the loss depends on it and the model's output is unchanged.
-    with TokenCapture(teacher, ["blocks.0.self_attn"], differentiable=True) as cap:
+    with ActivationCapture(teacher, ["blocks.0.self_attn"], differentiable=True) as cap:
         logits = teacher(X)
         (a,) = cap.outputs()
     assert a.is_leaf and a.requires_grad
@@ -71,14 +75,14 @@ def test_tuple_capture_selects_and_passes_replacement_on(data):
     for h in handles:
         h.remove()
     with pytest.raises(ValueError, match="select=3"):
-        with TokenCapture(teacher, ["blocks.0.self_attn"], select=3) as cap:
+        with ActivationCapture(teacher, ["blocks.0.self_attn"], select=3) as cap:
             teacher(X)
     with pytest.raises(ValueError, match="must return one of the tensors"):
-        with TokenCapture(teacher, ["blocks.0.self_attn"], select=lambda o: o[0] * 1,
+        with ActivationCapture(teacher, ["blocks.0.self_attn"], select=lambda o: o[0] * 1,
                           differentiable=True) as cap:
             teacher(X)
     with pytest.raises(TypeError, match="select"):
-        TokenCapture(teacher, ["blocks.0"], select="first")
+        ActivationCapture(teacher, ["blocks.0"], select="first")
 
 
 def test_token_stats_equal_direct_masked_computation(data, stats):
@@ -215,11 +219,13 @@ def test_two_training_steps_and_nothing_kept(data, stats):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     del loss
     gc.collect()
     h.remove()
-    assert len(kept) == 2 and all(r() is None for r in kept)  # teacher activations freed
+    # Teacher activations freed; the first call also runs one forward without gradients to find
+    # outputs modified in place (copy=None).
+    assert len(kept) == 3 and all(r() is None for r in kept)
     assert losses[1] < losses[0]
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
     assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items())
@@ -274,7 +280,7 @@ def _ddp_worker(rank, world, init_file, result):
     try:
         X, y = make_sequences(48, length=16, min_length=4, seed=0)
         teacher, student = _models()
-        stats = collect_token_stats(teacher, (X, y), LAYERS, mask_fn=padding_mask, batch_size=8)
+        stats = collect_stats(teacher, (X, y), LAYERS, mask_fn=padding_mask, batch_size=8)
         ddp = torch.nn.parallel.DistributedDataParallel(student)
         xs, ys = X[rank::world], y[rank::world]
         Cloner(teacher, ddp, LAYERS, stats)(xs, ys, padding_mask(xs)).backward()
@@ -309,3 +315,57 @@ def test_ddp_two_processes(data, stats, tmp_path):
     ref = torch.autograd.grad(loss, list(student.parameters()))
     for g, r in zip(grads, ref):
         assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# one clone objective: in-place activations, and the same loss as sanitize
+# --------------------------------------------------------------------------------------------
+
+def _convnet(inplace: bool) -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4),
+                         nn.ReLU(inplace=inplace), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+
+
+def test_inplace_relu_after_batchnorm_under_cloner():
+    """BatchNorm followed by ReLU(inplace=True): the Cloner finds it and clones the BatchNorm's
+    own output, giving the loss and gradients of the same network without in-place ReLU."""
+    X, y = datasets.load_digits()
+    X, y = X[:40], y[:40]
+    losses, grads = [], []
+    for inplace in (True, False):
+        teacher = _convnet(inplace).eval().requires_grad_(False)
+        student = _convnet(inplace)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.mul_(0.5)
+        stats = collect_stats(teacher, (X, y), ["0", "1"])
+        cloner = Cloner(teacher, student, ["0", "1"], stats)
+        loss = cloner(X, y)
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, list(student.parameters())))
+        if inplace:
+            assert cloner.copy == ["1"]
+    torch.testing.assert_close(losses[0], losses[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_sanitize_trains_on_the_cloner_loss():
+    """One step of sanitize (the whole set is one batch) logs the loss a Cloner built by hand
+    gives on the same batch, with the same CE and clone parts."""
+    X, y = datasets.load_digits()
+    X, y = X[:64], y[:64]
+    torch.manual_seed(0)
+    trojan = models.DigitsCNN((4, 6, 8))
+    torch.manual_seed(1)
+    init = models.DigitsCNN((4, 6, 8))
+    r = medic_fast.sanitize(trojan, (X, y), epochs=1, batch_size=64, progress=False,
+                            factory=lambda: copy.deepcopy(init))
+    teacher = copy.deepcopy(trojan).eval().requires_grad_(False)
+    cloner = Cloner(teacher, copy.deepcopy(init).train(), r.stats.layers, r.stats)
+    loss = cloner(X, y)
+    row = r.history[0]
+    assert row["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert row["ce"] == pytest.approx(float(cloner.last.ce), rel=1e-5)
+    assert row["clone"] == pytest.approx(float(cloner.last.clone), rel=1e-5)

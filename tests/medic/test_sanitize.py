@@ -161,6 +161,65 @@ def test_collect_stats_match_torch_on_full_data(per):
         mf.collect_stats(model, (X, y), layers, per="row")
 
 
+class _Tokens(nn.Module):
+    """[B, T, 4] -> a [B, T, 6] hidden layer -> logits of the mean token."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.hidden(x)).mean(1))
+
+
+@pytest.mark.parametrize("per", ["channel", "neuron"])
+def test_collect_stats_on_tokens_are_per_feature(per):
+    """[B, T, H] outputs: one statistic per hidden unit over all tokens (rows = [B, T]), also
+    for per="neuron"; with a mask, over the real tokens only."""
+    torch.manual_seed(0)
+    model = _Tokens()
+    X, y = torch.randn(37, 5, 4) * 2 + 1, torch.randint(3, (37,))
+    stats = mf.collect_stats(model, (X, y), ["hidden"], per=per, batch_size=10)
+    with torch.no_grad():
+        h = model.hidden(X).double()
+    rsd, rmu = torch.std_mean(h.reshape(-1, 6), 0, correction=0)
+    assert stats.mean[0].shape == (6,) and stats.count == 37
+    torch.testing.assert_close(stats.mean[0], rmu.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.std[0], rsd.float(), rtol=1e-5, atol=1e-6)
+    lengths = torch.randint(1, 6, (37,))
+    X[torch.arange(5)[None, :] >= lengths[:, None]] = 0.0  # padding: all-zero tokens
+
+    def real(x):
+        return x.abs().sum(-1) > 0
+
+    masked = mf.collect_stats(model, (X, y), ["hidden"], per=per, mask_fn=real, batch_size=10)
+    with torch.no_grad():
+        h = model.hidden(X).double()[real(X)]
+    rsd, rmu = torch.std_mean(h, 0, correction=0)
+    torch.testing.assert_close(masked.mean[0], rmu.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(masked.std[0], rsd.float(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"mask has shape \(10, 4\) but layer 'hidden' has rows"):
+        mf.collect_stats(model, (X, y), ["hidden"], mask_fn=lambda x: real(x)[:, 1:],
+                         batch_size=10)
+    per_position = mf.collect_stats(model, (X, y), ["hidden"], start_dim=1, batch_size=10)
+    assert per_position.mean[0].shape == (5,)
+
+
+def test_capture_of_inputs():
+    torch.manual_seed(0)
+    model = models.MLP(3, 4, (8, 7))
+    x = torch.randn(6, 3)
+    with ActivationCapture(model, ["layers.2", "layers.4"], inputs=True) as cap, \
+            torch.no_grad():
+        model(x)
+        first, last = cap.outputs()
+        torch.testing.assert_close(first, model.layers[:2](x))
+        torch.testing.assert_close(last, model.layers[:4](x))
+    with pytest.raises(ValueError, match="outputs only"):
+        ActivationCapture(model, ["layers.2"], inputs=True, differentiable=True)
+
+
 # --------------------------------------------------------------------------------------------
 # evaluate
 # --------------------------------------------------------------------------------------------
@@ -339,7 +398,6 @@ def test_checkpoint_resume_gives_the_uninterrupted_result(trojan, tmp_path):
 def test_checkpoint_write_is_atomic(trojan, tmp_path, monkeypatch):
     """A failure while replacing the file (after epoch 2's state is written to the temporary
     file) leaves epoch 1's checkpoint intact and no temporary file behind."""
-    S = importlib.import_module("medic_fast.medic.sanitize")  # the module, not the function
     model, clean, _, _ = trojan
     path = tmp_path / "state.pt"
     real_replace, snapshots = os.replace, []
@@ -350,7 +408,7 @@ def test_checkpoint_write_is_atomic(trojan, tmp_path, monkeypatch):
         real_replace(src, dst)
         snapshots.append(path.read_bytes())
 
-    monkeypatch.setattr(S.os, "replace", replace_once)
+    monkeypatch.setattr(os, "replace", replace_once)
     with pytest.raises(OSError, match="disk full"):
         mf.finetune(model, clean, epochs=2, progress=False, checkpoint=path)
     assert path.read_bytes() == snapshots[0] and os.listdir(tmp_path) == ["state.pt"]
