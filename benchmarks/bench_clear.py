@@ -3,7 +3,7 @@ clean one on the Swiss roll (5-layer fully connected network) and on scikit-lear
 ``scan`` with its defaults, then ``patch`` on the poisoned model.
 
     python benchmarks/bench_clear.py               # seeds 0-9 (the defaults were tuned on 100-105)
-    python benchmarks/bench_clear.py --seeds 3
+    python benchmarks/bench_clear.py --seeds 3 --csv clear.csv --json clear.json  # also the rows
 
 Reports, per task: how often the attack worked (the target sample is classified as the target
 class), detection at the right target among those, false positives among the clean models, the
@@ -22,11 +22,14 @@ import medic_fast
 from medic_fast.zoo.tasks import digits_task, swiss_roll_task
 from medic_fast.clear.detect import DEFAULTS
 
+from _harness import add_output_options, write_rows
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    add_output_options(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"scan defaults: {DEFAULTS}, lr_scale=1e-3, n=50, k=5, restarts=10, threshold=0.5; "
@@ -61,16 +64,22 @@ def main():
                   f"{report.flagged} at {report.target}; clean flagged {clean_report.flagged} "
                   f"(max P {float(clean_report.P.nan_to_num(0).max()):.1f}); after patch the "
                   f"target sample is class {after}", flush=True)
-        rows.append((name, attacks, hits, fp, fixed, fixed_clean_only, statistics.mean(acc_before),
-                     statistics.mean(acc_after), statistics.median(times)))
+        rows.append(dict(task=name, seeds=args.seeds, attack_worked=attacks, detected=hits,
+                         clean_flagged=fp, fixed=fixed, fixed_clean_only=fixed_clean_only,
+                         acc_before=statistics.mean(acc_before),
+                         acc_after=statistics.mean(acc_after),
+                         scan_seconds=statistics.median(times)))
     n = args.seeds
     print("\n| task | attack worked | detected at the target | clean flagged (FP) | "
           "target fixed by patch | ... by clean-only fine-tuning | test acc before -> after "
           "patch | scan time (median) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, attacks, hits, fp, fixed, fixed0, a0, a1, t in rows:
-        print(f"| {name} | {attacks}/{n} | {hits}/{attacks} | {fp}/{n} | {fixed}/{attacks} | "
-              f"{fixed0}/{attacks} | {a0:.3f} -> {a1:.3f} | {t:.2f} s |")
+    for r in rows:
+        worked = r["attack_worked"]
+        print(f"| {r['task']} | {worked}/{n} | {r['detected']}/{worked} | {r['clean_flagged']}/{n} "
+              f"| {r['fixed']}/{worked} | {r['fixed_clean_only']}/{worked} | "
+              f"{r['acc_before']:.3f} -> {r['acc_after']:.3f} | {r['scan_seconds']:.2f} s |")
+    write_rows(rows, "bench_clear", json_path=args.json, csv_path=args.csv)
 
 
 if __name__ == "__main__":

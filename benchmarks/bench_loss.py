@@ -1,28 +1,26 @@
 """Speed of the importance clone loss: eager reference, torch.compile(reference), fused backend.
 
-    python benchmarks/bench_loss.py [--repeat 30] [--csv out.csv] [--cases rows64,rows128,wrn]
+    python benchmarks/bench_loss.py [--repeat 30] [--cases rows64,rows128,wrn] [--csv out.csv]
+                                    [--json out.json]
 
 Prints, per case, dtype and pass (forward, forward+backward): median time, ratio to eager and to
 torch.compile, achieved GB/s (the bytes the op must move: read t, g, c, write dc), that as a
 fraction of the copy bandwidth measured in the same run, the fused time at tau=0 (the same kernel
 without exponentials: the difference gives the exp throughput achieved in situ), and the peak
-extra memory as a multiple
-of the size of acts_c (the gradient included) for each of the three. The floor of DESIGN.md §1 per case is printed too: the larger of
-bytes / copy bandwidth and (2 exponentials per element) / (our exp throughput in situ).
+extra memory as a multiple of the size of acts_c (the gradient included) for each of the three.
+The floor of DESIGN.md §1 per case is printed too: the larger of bytes / copy bandwidth and
+(2 exponentials per element) / (our exp throughput in situ).
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import ctypes
-import gc
-import statistics
 import sys
-import time
 
 import torch
 
 import medic_fast
+
+from _harness import add_output_options, median_ms, peak_extra_bytes, write_rows
 
 # WRN-16-1 on 32x32 inputs, batch 64: the shapes of its 25 conv and BN outputs (the released
 # recipe's "conv+bn" plane): conv1, then 3 groups of 2 blocks x (bn1, conv1, bn2, conv2) with a
@@ -44,51 +42,10 @@ def make_case(name: str, dtype: torch.dtype):
         t = torch.randn(shp, generator=gen).to(dtype)
         c = (t.float() + 0.3 * torch.randn(shp, generator=gen)).to(dtype)
         g = (1e-3 * torch.randn(shp, generator=gen)).to(dtype)
-        mean, std = 0.1 * torch.randn(shp[1], generator=gen), torch.rand(shp[1], generator=gen) + 0.5
+        mean = 0.1 * torch.randn(shp[1], generator=gen)
+        std = torch.rand(shp[1], generator=gen) + 0.5
         layers.append((t, c, g, mean, std))
     return layers
-
-
-def _trim():
-    """Give freed memory back, so each timed call sees the allocator as a user's step would."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def median_ms(fn, repeat: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def peak_extra_bytes(step, reset) -> int:
-    """Peak resident-memory growth over one ``step``, gradients included (Linux).
-
-    After a warm-up step, ``reset`` drops the previous gradients, freed memory goes back to the
-    OS, and the kernel's high-water mark is reset (``/proc/self/clear_refs``), so the peak counts
-    every byte the step touches anew, as in a user's training step.
-    """
-    step()
-    reset()
-    _trim()
-    base = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    step()
-    return (_status_kb("VmHWM") - base) * 1024
 
 
 def runner(layers, backend, *, backward, compiled=None, tau=5.0):
@@ -131,13 +88,15 @@ def measure_exp_rate(n: int, repeat: int) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--cases", default="rows64,rows128,wrn")
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--backend", default="auto", help="the fused backend to time (auto = cpp on CPU)")
+    p.add_argument("--backend", default="auto",
+                   help="the fused backend to time (auto = cpp on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--csv", help="also write the rows to this CSV file")
+    add_output_options(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,10 +106,9 @@ def main(argv=None):
     copy = measure_copy_gbs(64 << 20, args.repeat)
     exp_rate = measure_exp_rate(1 << 22, args.repeat)
     print(f"copy bandwidth {copy:.1f} GB/s (read+write); torch.exp {exp_rate:.2f} G elem/s")
-    hdr = (f"{'case':8s} {'dtype':9s} {'pass':8s} {'eager ms':>9s} {'compile':>9s} {'fused':>8s} "
-           f"{'x eager':>8s} {'x comp':>7s} {'GB/s':>6s} {'%copy':>6s} {'tau0 ms':>7s} {'exp G/s':>7s} "
-           f"{'floor ms':>8s} "
-           f"{'mem x (eager/comp/fused)':>24s}")
+    hdr = (f"{'case':8s} {'dtype':9s} {'pass':8s} {'eager ms':>9s} {'compile':>9s} "
+           f"{'fused':>8s} {'x eager':>8s} {'x comp':>7s} {'GB/s':>6s} {'%copy':>6s} "
+           f"{'tau0 ms':>7s} {'exp G/s':>7s} {'floor ms':>8s} {'mem x (eager/comp/fused)':>24s}")
     print(hdr)
     for case in args.cases.split(","):
         for dname in args.dtypes.split(","):
@@ -182,17 +140,15 @@ def main(argv=None):
                 row = dict(case=case, dtype=dname, pass_="fwd+bwd" if backward else "fwd",
                            eager_ms=eager, compile_ms=comp, fused_ms=fused, x_eager=eager / fused,
                            x_compile=comp / fused, gbs=gbs, pct_copy=100 * gbs / copy,
-                           floor_ms=floor, no_exp_ms=no_exp, exp_gps=our_exp_rate, mem_x=mem, eager_mem_x=eager_mem, compile_mem_x=comp_mem)
+                           floor_ms=floor, no_exp_ms=no_exp, exp_gps=our_exp_rate, mem_x=mem,
+                           eager_mem_x=eager_mem, compile_mem_x=comp_mem)
                 rows_out.append(row)
-                print(f"{case:8s} {dname:9s} {row['pass_']:8s} {eager:9.2f} {comp:9.2f} {fused:8.2f} "
-                      f"{row['x_eager']:8.2f} {row['x_compile']:7.2f} {gbs:6.1f} {row['pct_copy']:6.1f} "
-                      f"{no_exp:7.2f} {our_exp_rate:7.2f} {floor:8.2f} {eager_mem:8.2f}/{comp_mem:6.2f}/{mem:6.2f}")
+                print(f"{case:8s} {dname:9s} {row['pass_']:8s} {eager:9.2f} {comp:9.2f} "
+                      f"{fused:8.2f} {row['x_eager']:8.2f} {row['x_compile']:7.2f} {gbs:6.1f} "
+                      f"{row['pct_copy']:6.1f} {no_exp:7.2f} {our_exp_rate:7.2f} {floor:8.2f} "
+                      f"{eager_mem:8.2f}/{comp_mem:6.2f}/{mem:6.2f}")
                 sys.stdout.flush()
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows_out[0]))
-            w.writeheader()
-            w.writerows(rows_out)
+    write_rows(rows_out, "bench_loss", json_path=args.json, csv_path=args.csv)
 
 
 if __name__ == "__main__":

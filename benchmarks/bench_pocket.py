@@ -4,6 +4,7 @@ measured in the same run).
 
     python benchmarks/bench_pocket.py            # C=10 (900 problems), MLP and conv heads, C=100
     python benchmarks/bench_pocket.py --quick    # fewer repeats
+    python benchmarks/bench_pocket.py --csv pocket.csv --json pocket.json   # also the rows
 
 Problems: C(C-1) ordered class pairs x R restarts, k anchors each, `steps` SGD steps. "no early
 exit" makes every problem run every step (margin = inf, no box), which is what the floor and the
@@ -21,7 +22,11 @@ from torch import nn
 
 from medic_fast.ops.pocket_search import pocket_search
 
-from bench_loss import median_ms  # benchmarks/ is the script's directory
+from _harness import add_output_options, median_ms, write_rows
+
+
+# The batched searches, by the names of the tables in RESULTS.md: name -> pocket_search backend.
+BACKENDS = {"reference": "reference", "extension": "cpp"}
 
 
 def mlp_head(sizes):
@@ -67,7 +72,7 @@ def gemm_rate(repeats) -> float:
 
 
 def timeit(fn, repeats, warmup=1) -> float:
-    """Median seconds of ``fn`` (bench_loss.median_ms, in seconds)."""
+    """Median seconds of ``fn`` (``median_ms``, in seconds)."""
     return median_ms(fn, repeats, warmup) / 1e3
 
 
@@ -108,6 +113,7 @@ def one_search(anchors, head, ls, lt, alpha, lr, steps, lo, hi, margin):
 
 
 def run(name, head, feat, classes, restarts, k, steps, repeats, singles, backends):
+    """Time the search of one head and print its table; returns the table's rows."""
     rate = gemm_rate(repeats)
     anchors, src, tgt = problems(classes, restarts, k, feat)
     q = len(src)
@@ -118,10 +124,11 @@ def run(name, head, feat, classes, restarts, k, steps, repeats, singles, backend
                             for i in range(singles)], 1) / singles
         rows["one search at a time"] = (t * q, f"{t * 1e3:.0f} ms per search x {q}")
     results = {}
-    for backend in backends:
+    for method in backends:
         def go():
-            results[backend] = pocket_search(anchors, head, src, tgt, backend=backend, **kw)
-        rows[f"batched {backend}"] = (timeit(go, repeats), "")
+            results[method] = pocket_search(anchors, head, src, tgt, backend=BACKENDS[method],
+                                            **kw)
+        rows[f"batched {method}"] = (timeit(go, repeats), "")
     res = results.get("extension") or results.get("reference")
     assert bool((res.stopped_at == steps).all())
     floor = q * steps * (k + 1) * 2 * head_flops(head, feat) / (rate * 1e9)
@@ -135,13 +142,17 @@ def run(name, head, feat, classes, restarts, k, steps, repeats, singles, backend
     for label, (t, note) in rows.items():
         ratio = f"{t / ext:.2f}x" if ext else ""
         print(f"| {label} | {t:.3f} | {ratio} | {note} |")
-    return rows
+    return [{"case": name, "classes": classes, "restarts": restarts, "k": k, "problems": q,
+             "steps": steps, "method": label, "seconds": t,
+             "vs_extension": t / ext if ext else None, "note": note}
+            for label, (t, note) in rows.items()]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one repeat instead of three")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_output_options(p)
     args = p.parse_args()
     repeats = 1 if args.quick else 3
     torch.set_num_threads(args.threads)
@@ -150,11 +161,12 @@ def main():
           "the best torch.mm rate of the MLP's shapes and 2048^3, measured before each case")
     both = ("reference", "extension")
     mlp = mlp_head([256, 128, 10])
-    run("MLP head 256-128-10", mlp, (256,), 10, 10, 5, 200, repeats, 10, both)
+    rows = run("MLP head 256-128-10", mlp, (256,), 10, 10, 5, 200, repeats, 10, both)
     conv = ConvHead(10).eval().requires_grad_(False)
-    run("conv head", conv, (8, 6, 6), 10, 10, 5, 200, repeats, 5, both)
+    rows += run("conv head", conv, (8, 6, 6), 10, 10, 5, 200, repeats, 5, both)
     big = mlp_head([256, 128, 100])
-    run("MLP head 256-128-100", big, (256,), 100, 1, 5, 200, 1, 10, ("extension",))
+    rows += run("MLP head 256-128-100", big, (256,), 100, 1, 5, 200, 1, 10, ("extension",))
+    write_rows(rows, "bench_pocket", json_path=args.json, csv_path=args.csv)
 
 
 if __name__ == "__main__":

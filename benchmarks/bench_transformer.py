@@ -10,6 +10,10 @@
    multiple of acts_c, forward (with the kept gradient) and forward+backward.
 
     python benchmarks/bench_transformer.py [--parts demo,step,memory] [--rounds 3] [--repeats 5]
+                                           [--json PATH] [--csv PATH]
+
+Each part's rows (the demo's per model, the step's per round, the memory's per case) go to the
+files, tagged with the part.
 """
 from __future__ import annotations
 
@@ -22,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 import medic_fast
-from bench_loss import peak_extra_bytes  # benchmarks/ is the script's directory
-from medic_fast.medic.cloner import Cloner, collect_token_stats, masked_clone_loss
+from medic_fast.medic.cloner import Cloner, masked_clone_loss
 from medic_fast.zoo.transformer import TinyTransformer, TokenTrigger, make_sequences, padding_mask
+
+from _harness import add_output_options, peak_extra_bytes, write_rows
 
 MiB = 1 << 20
 
@@ -71,7 +76,7 @@ def demo(args):
     layers = [f"blocks.{i}" for i in range(kw["depth"])] + \
              [f"blocks.{i}.self_attn" for i in range(kw["depth"])]
     t0 = time.perf_counter()
-    stats = collect_token_stats(teacher, (Xcl, ycl), layers, mask_fn=padding_mask)
+    stats = medic_fast.collect_stats(teacher, (Xcl, ycl), layers, mask_fn=padding_mask)
     torch.manual_seed(1)
     clone = TinyTransformer(**kw)
     cloner = Cloner(teacher, clone, layers, stats, tau=5.0, lam=args.lam)
@@ -108,8 +113,7 @@ def step(args):
                               seed=int(torch.randint(1 << 30, (1,), generator=gen)))
         return X, y, padding_mask(X)
 
-    stats = collect_token_stats(teacher, batch()[:2], layers,
-                                mask_fn=padding_mask)
+    stats = medic_fast.collect_stats(teacher, batch()[:2], layers, mask_fn=padding_mask)
     cloner = Cloner(teacher, student, layers, stats, tau=5.0, lam=10.0)
     opt = torch.optim.Adam(student.parameters(), lr=1e-4)
 
@@ -147,9 +151,9 @@ def step(args):
           f"{mem_ours / MiB:7.1f} MiB")
     print(f"  ratio per round {', '.join(f'{r:.2f}' for r in ratios)}  (median "
           f"{statistics.median(ratios):.2f}x; target <= 1.9x)")
-    return {"plain_ms": 1e3 * statistics.median(t_plain),
-            "cloner_ms": 1e3 * statistics.median(t_ours), "ratios": ratios,
-            "plain_peak_mib": mem_plain / MiB, "cloner_peak_mib": mem_ours / MiB}
+    return [{"round": i, "plain_ms": 1e3 * tp, "cloner_ms": 1e3 * to, "ratio": r,
+             "plain_peak_mib": mem_plain / MiB, "cloner_peak_mib": mem_ours / MiB}
+            for i, (tp, to, r) in enumerate(zip(t_plain, t_ours, ratios))]
 
 
 def memory(args):
@@ -180,14 +184,14 @@ def memory(args):
             loss(masked).backward()
         return go
 
-    out = {}
+    out = []
     print(f"memory: loss at {list(shape)} bf16, acts_c = {size / MiB:.0f} MiB, 20% padded tokens")
     for masked in (True, False):
         for name, fn in (("forward (keeps the gradient)", forward),
                          ("forward + backward", forward_backward)):
             label = f"{'masked' if masked else 'no mask'}, {name}"
             ratio = peak_extra_bytes(fn(masked), reset) / size
-            out[label] = ratio
+            out.append({"case": label, "peak_x_acts_c": ratio})
             print(f"  {label:40s} peak extra {ratio:.3f} x acts_c  (target <= 1.25)")
     return out
 
@@ -201,10 +205,14 @@ def main():
     p.add_argument("--lam", type=float, default=10.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
+    add_output_options(p)
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = []
     for part in args.parts.split(","):
-        {"demo": demo, "step": step, "memory": memory}[part](args)
+        rows += [{"part": part, **r}
+                 for r in {"demo": demo, "step": step, "memory": memory}[part](args)]
+    write_rows(rows, "bench_transformer", json_path=args.json, csv_path=args.csv)
 
 
 if __name__ == "__main__":

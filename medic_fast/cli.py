@@ -1,7 +1,9 @@
-"""The ``medic-fast`` command: ``demo``, ``sanitize``, ``scan`` and ``bench``.
+"""The ``medic-fast`` command: ``demo``, ``sanitize``, ``scan`` and ``bench``; argument parsing
+and the commands only.
 
-``medic-fast <command> --help`` explains each option. ``demo`` and ``bench`` are also callable
-from Python (:func:`run_demo`, :func:`bench_steps`), which ``benchmarks/bench_sanitize.py`` uses.
+``medic-fast <command> --help`` explains each option. The work of ``demo`` and ``bench`` is in
+the evaluation harness (:func:`medic_fast.zoo.demo.run_demo`,
+:func:`medic_fast.zoo.bench.bench_steps`), callable from Python.
 """
 from __future__ import annotations
 
@@ -9,88 +11,17 @@ import argparse
 import importlib
 import json
 import os
-import statistics
 import sys
-import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
-__all__ = ["main", "run_demo", "bench_steps", "DEMO_SETTINGS"]
-
-# The demo's settings, chosen on seeds 0-4 (see benchmarks/RESULTS.md §2 for what else was
-# tried): digits split 60/10/30 (trojan training / clean defence set / test), a 3x3 BadNets
-# checkerboard in the bottom-right corner on 10% of the training set, target class 0.
-DEMO_SETTINGS = {
-    "split": [0.6, 0.1, 0.3], "trigger_size": 3, "poison_rate": 0.1, "target": 0,
-    "channels": [16, 32, 32], "trojan_epochs": 15, "trojan_lr": 0.01,
-    "epochs": 60, "tau": 5.0, "lam": 10.0, "lr": 0.01, "batch_size": 64,
-    "finetune_lr": 1e-3,
-}
+__all__ = ["main"]
 
 
 # --------------------------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------------------------
-
-def run_demo(seed: int = 0, progress: bool = True, settings: Optional[dict] = None,
-             threads: Optional[int] = 1) -> dict:
-    """The digits demo: train a BadNets-trojaned CNN, then MEDIC, fine-tuning and training from
-    scratch on the 10% clean split; returns the settings, one row per method (ACC, ASR,
-    seconds) and the wall-clock per phase. Deterministic given ``seed`` (timings aside).
-
-    ``threads``: torch intra-op threads for the run (restored after; None: leave as is). The
-    models are tiny, so one thread is as fast as several on an idle machine and much faster on a
-    busy one (no threads spinning at barriers while others hold the cores).
-    """
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _demo(seed, progress, {**DEMO_SETTINGS, **(settings or {})})
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _demo(seed: int, progress: bool, s: dict) -> dict:
-    import medic_fast as mf
-    from medic_fast import data
-    from medic_fast.zoo import attacks, datasets, models
-
-    t_all = time.perf_counter()
-    X, y = datasets.load_digits()
-    (Xtr, ytr), (Xc, yc), (Xte, yte) = data.split(X, y, s["split"], seed=seed)
-    attack = attacks.BadNets(size=s["trigger_size"])
-    poisoned = attack.poison(Xtr, ytr, s["poison_rate"], s["target"], seed)
-    ev = dict(trigger=attack, target=s["target"])
-    common = dict(epochs=s["epochs"], batch_size=s["batch_size"], seed=seed, progress=progress)
-    rows: List[dict] = []
-    phases: Dict[str, float] = {"data": time.perf_counter() - t_all}
-
-    def run(name, fn):
-        if progress:
-            print(f"[{len(rows) + 1}/4] {name}", file=sys.stderr)
-        t0 = time.perf_counter()
-        model = fn().model
-        phases[name] = time.perf_counter() - t0
-        rows.append({"method": name, **mf.evaluate(model, Xte, yte, **ev),
-                     "seconds": phases[name]})
-        return model
-
-    trojan = run("trojaned", lambda: mf.train_from_scratch(
-        models.DigitsCNN(s["channels"]), (poisoned.X, poisoned.y), epochs=s["trojan_epochs"],
-        lr=s["trojan_lr"], batch_size=s["batch_size"], seed=seed, progress=progress))
-    clean = (Xc, yc)
-    run("medic", lambda: mf.sanitize(trojan, clean, tau=s["tau"], lam=s["lam"], lr=s["lr"],
-                                      **common))
-    run("finetune", lambda: mf.finetune(trojan, clean, lr=s["finetune_lr"], **common))
-    run("scratch", lambda: mf.train_from_scratch(trojan, clean, lr=s["lr"], **common))
-    phases["total"] = time.perf_counter() - t_all
-    return {"seed": seed, "settings": s, "samples": {"trojan_train": len(ytr), "clean": len(yc),
-                                                    "test": len(yte),
-                                                    "poisoned": len(poisoned.index)},
-            "results": rows, "phases": phases, "threads": torch.get_num_threads()}
-
 
 def _table(result: dict) -> str:
     lines = [f"{'method':<10} {'ACC':>7} {'ASR':>7} {'seconds':>8}"]
@@ -118,6 +49,8 @@ def _write_new(path: str, text: str) -> None:
 
 
 def _cmd_demo(args) -> int:
+    from medic_fast.zoo.demo import run_demo
+
     if args.out is not None and os.path.exists(args.out):
         return _fail(f"--out {args.out!r} exists; it is never overwritten: choose another path")
     result = run_demo(args.seed, progress=not args.no_progress, threads=args.threads)
@@ -227,93 +160,11 @@ def _cmd_scan(args) -> int:
 # bench: one clone-training step
 # --------------------------------------------------------------------------------------------
 
-def wrn_released_layers(model) -> List[str]:
-    """The 25 tensors the released MEDIC code hooks on WRN-16-1 ("conv+bn" plane): the stem
-    conv and, in every block, bn1, conv1, bn2, conv2 (not the shortcut convs or the final BN)."""
-    names = ["conv1"]
-    for g in ("block1", "block2", "block3"):
-        for i, _ in enumerate(getattr(model, g)):
-            names += [f"{g}.{i}.{n}" for n in ("bn1", "conv1", "bn2", "conv2")]
-    return names
-
-
-def _released_style_step(teacher, student, layers, stats, tau, opt, x, y):
-    """One step the way the released MEDIC code does it: the input requires grad, every hooked
-    tensor retains its grad, one backward of CE(teacher) + CE(student) through both networks,
-    a per-layer loss in eager PyTorch from ``.grad``, then a second backward and the update."""
-    from medic_fast.reference import importance_clone as reference
-    from medic_fast.capture import ActivationCapture
-
-    x = x.clone().requires_grad_()
-    with ActivationCapture(teacher, layers) as tc, ActivationCapture(student, layers) as sc:
-        out_t, out_s = teacher(x), student(x)
-        acts_t, acts_s = tc.outputs(), sc.outputs()
-    for a in acts_t + acts_s:
-        a.retain_grad()
-    ce_s = torch.nn.functional.cross_entropy(out_s, y)
-    (torch.nn.functional.cross_entropy(out_t, y) + ce_s).backward(retain_graph=True)
-    clone = 0.0
-    for t, c, mu, sd in zip(acts_t, acts_s, stats.mean, stats.std):
-        clone = clone + reference.layer_row_losses(t, c, t.grad, mu, sd, tau=tau,
-                                                   criterion="abs", eps=1e-5,
-                                                   start_dim=1).mean()
-    opt.zero_grad()
-    (ce_s + 10.0 * clone).backward()
-    opt.step()
-
-
-def bench_steps(batch: int = 64, size: int = 32, repeats: int = 20, warmup: int = 3,
-                backend: str = "auto", seed: int = 0) -> dict:
-    """Median seconds of one training step on WRN-16-1 (``batch`` x 3 x ``size`` x ``size``,
-    the 25 conv/bn tensors of the released recipe hooked): ``plain`` cross-entropy, ``ours``
-    (the :func:`medic_fast.sanitize` step) and ``released`` (the released code's way).
-    Variants are interleaved, each step on fresh random inputs."""
-    from medic_fast.zoo import models
-    from medic_fast.capture import inplace_modified
-    from medic_fast.medic.sanitize import _CloneObjective
-    from medic_fast.stats import _collect
-    from medic_fast.data import make_loader
-
-    torch.manual_seed(seed)
-    teacher = models.wrn16_1().eval().requires_grad_(False)
-    layers = wrn_released_layers(teacher)
-    xs = torch.rand(4 * batch, 3, size, size)
-    ys = torch.randint(0, 10, (4 * batch,))
-    stats = _collect(teacher, make_loader((xs, ys), batch_size=batch), layers, "channel",
-                     torch.device("cpu"), inplace_modified(teacher, layers, xs[:2]))
-    nets = {k: models.wrn16_1() for k in ("plain", "ours", "released")}
-    opts = {k: torch.optim.Adam(n.parameters(), lr=1e-3) for k, n in nets.items()}
-    objective = _CloneObjective(teacher, nets["ours"], layers, stats, tau=5.0, lam=10.0,
-                                criterion="abs", backend=backend)
-
-    def step(kind, x, y):
-        net, opt = nets[kind], opts[kind]
-        if kind == "released":
-            return _released_style_step(teacher, net, layers, stats, 5.0, opt, x, y)
-        loss = torch.nn.functional.cross_entropy(net(x), y) if kind == "plain" \
-            else objective(net, x, y)[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    times: Dict[str, list] = {k: [] for k in nets}
-    for i in range(warmup + repeats):
-        for kind in nets:
-            x = torch.rand(batch, 3, size, size)
-            y = torch.randint(0, 10, (batch,))
-            t0 = time.perf_counter()
-            step(kind, x, y)
-            if i >= warmup:
-                times[kind].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": "wrn16_1", "batch": batch, "size": size, "hooked": len(layers),
-            "repeats": repeats, "threads": torch.get_num_threads(), "backend": backend,
-            "seconds": med, "ours_vs_plain": med["ours"] / med["plain"],
-            "released_vs_ours": med["released"] / med["ours"]}
-
-
 def _cmd_bench(args) -> int:
-    r = bench_steps(args.batch, args.size, args.repeats, args.warmup, args.backend)
+    from medic_fast.zoo.bench import bench_steps
+
+    r = bench_steps(args.batch, args.size, args.repeats, args.warmup, args.backend,
+                    progress=not args.no_progress)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -415,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", formatter_class=fmt, help="time one clone-training step",
                        description="Median time of one training step of WRN-16-1 on random "
-                       "inputs: plain cross-entropy, the MEDIC step of medic_fast, and the "
+                       "inputs: plain cross-entropy, the MEDIC step (medic_fast.Cloner), and the "
                        "released MEDIC code's way (two backward passes, input gradients, "
                        "per-layer eager loss).")
     b.add_argument("--batch", type=int, default=64, help="batch size")
@@ -425,6 +276,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="auto", choices=("auto", "cpp", "reference"),
                    help="backend of the importance clone loss")
     b.add_argument("--json", action="store_true", help="print the figures as JSON")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress lines (a line "
+                   "per round of steps, on stderr)")
     b.set_defaults(func=_cmd_bench)
     return p
 

@@ -39,7 +39,8 @@ def test_help_explains_every_option(capsys):
 def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "medic_fast.cli", "sanitize", "--help"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "--checkpoint" in r.stdout and "never overwrites" in r.stdout.lower()
+    assert r.returncode == 0 and "--checkpoint" in r.stdout
+    assert "never overwrites" in r.stdout.lower()
 
 
 def test_demo_refuses_an_existing_out_file(tmp_path, capsys):
@@ -127,3 +128,14 @@ def test_scan_without_clear_gives_a_clear_message(tmp_path, monkeypatch, capsys)
     code = cli.main(["scan", "--model", "medic_fast.zoo.models:MLP", "--checkpoint",
                      str(tmp_path / "m.pt"), "--data", "medic_fast.data:load_swiss_roll"])
     assert code == 2 and "CLEAR scanner" in capsys.readouterr().err
+
+
+def test_bench_command_prints_figures_and_progress(capsys):
+    args = ["bench", "--batch", "2", "--size", "8", "--repeats", "1", "--warmup", "1"]
+    assert cli.main(args + ["--json"]) == 0
+    out, err = capsys.readouterr()
+    assert set(json.loads(out)["seconds"]) == {"plain", "ours", "released"}
+    assert err.count("bench: round") == 2
+    assert cli.main(args + ["--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "ours" in out and "x plain" in out and err == ""

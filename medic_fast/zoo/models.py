@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["DigitsCNN", "MLP", "ResNet", "resnet18", "WideResNet", "wrn16_1"]
+__all__ = ["DigitsCNN", "MLP", "ResNet", "resnet18", "WideResNet", "wrn16_1",
+           "wrn_released_layers"]
 
 
 def _conv_bn(cin: int, cout: int) -> list:
@@ -161,3 +162,13 @@ class WideResNet(nn.Module):
 def wrn16_1(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
     """Wide-ResNet-16-1 (0.18M parameters), the MEDIC paper's CIFAR-10 model."""
     return WideResNet(16, 1, num_classes, in_channels)
+
+
+def wrn_released_layers(model: WideResNet) -> list[str]:
+    """The 25 tensors the released MEDIC code hooks on WRN-16-1 ("conv+bn" plane): the stem
+    conv and, in every block, bn1, conv1, bn2, conv2 (not the shortcut convs or the final BN)."""
+    names = ["conv1"]
+    for g in ("block1", "block2", "block3"):
+        for i, _ in enumerate(getattr(model, g)):
+            names += [f"{g}.{i}.{n}" for n in ("bn1", "conv1", "bn2", "conv2")]
+    return names

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from medic_fast import data
 from medic_fast.zoo import attacks, datasets, models
 from medic_fast.capture import default_layers
-from medic_fast.cli import wrn_released_layers
+from medic_fast.zoo.models import wrn_released_layers
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""The step benchmark behind ``medic-fast bench`` (and ``benchmarks/bench_sanitize.py``): one
+training step of WRN-16-1 as plain cross-entropy, as the MEDIC step of :class:`medic_fast.Cloner`
+and as the released MEDIC code takes it."""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+import medic_fast as mf
+from medic_fast.capture import ActivationCapture
+from medic_fast.reference import importance_clone as reference
+from medic_fast.zoo import models
+
+__all__ = ["bench_steps"]
+
+
+def _released_style_step(teacher, student, layers, stats, tau, opt, x, y):
+    """One step the way the released MEDIC code does it: the input requires grad, every hooked
+    tensor retains its grad, one backward of CE(teacher) + CE(student) through both networks,
+    a per-layer loss in eager PyTorch from ``.grad``, then a second backward and the update."""
+    x = x.clone().requires_grad_()
+    with ActivationCapture(teacher, layers) as tc, ActivationCapture(student, layers) as sc:
+        out_t, out_s = teacher(x), student(x)
+        acts_t, acts_s = tc.outputs(), sc.outputs()
+    for a in acts_t + acts_s:
+        a.retain_grad()
+    ce_s = F.cross_entropy(out_s, y)
+    (F.cross_entropy(out_t, y) + ce_s).backward(retain_graph=True)
+    clone = 0.0
+    for t, c, mu, sd in zip(acts_t, acts_s, stats.mean, stats.std):
+        clone = clone + reference.layer_row_losses(t, c, t.grad, mu, sd, tau=tau,
+                                                   criterion="abs", eps=1e-5,
+                                                   start_dim=1).mean()
+    opt.zero_grad()
+    (ce_s + 10.0 * clone).backward()
+    opt.step()
+
+
+def bench_steps(batch: int = 64, size: int = 32, repeats: int = 20, warmup: int = 3,
+                backend: str = "auto", seed: int = 0, progress: bool = False) -> dict:
+    """Median seconds of one training step on WRN-16-1 (``batch`` x 3 x ``size`` x ``size``,
+    the 25 conv/bn tensors of the released recipe hooked), Adam after each: ``plain``
+    cross-entropy, ``ours`` (``loss = Cloner(...)(x, y)``, tau 5, lam 10, ``backend``) and
+    ``released`` (the released code's way). Variants are interleaved, each step on fresh random
+    inputs; ``progress`` prints a line per round (one step of each variant) on stderr."""
+    torch.manual_seed(seed)
+    teacher = models.wrn16_1().eval().requires_grad_(False)
+    layers = models.wrn_released_layers(teacher)
+    xs = torch.rand(4 * batch, 3, size, size)
+    ys = torch.randint(0, 10, (4 * batch,))
+    stats = mf.collect_stats(teacher, (xs, ys), layers, batch_size=batch)
+    nets = {k: models.wrn16_1() for k in ("plain", "ours", "released")}
+    opts = {k: torch.optim.Adam(n.parameters(), lr=1e-3) for k, n in nets.items()}
+    cloner = mf.Cloner(teacher, nets["ours"], layers, stats, tau=5.0, lam=10.0, backend=backend)
+
+    def step(kind, x, y):
+        net, opt = nets[kind], opts[kind]
+        if kind == "released":
+            return _released_style_step(teacher, net, layers, stats, 5.0, opt, x, y)
+        loss = F.cross_entropy(net(x), y) if kind == "plain" else cloner(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    times: Dict[str, list] = {k: [] for k in nets}
+    rounds = warmup + repeats
+    for i in range(rounds):
+        if progress:
+            print(f"bench: round {i + 1}/{rounds}" + (" (warm-up)" if i < warmup else ""),
+                  file=sys.stderr, flush=True)
+        for kind in nets:
+            x = torch.rand(batch, 3, size, size)
+            y = torch.randint(0, 10, (batch,))
+            t0 = time.perf_counter()
+            step(kind, x, y)
+            if i >= warmup:
+                times[kind].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": "wrn16_1", "batch": batch, "size": size, "hooked": len(layers),
+            "repeats": repeats, "threads": torch.get_num_threads(), "backend": backend,
+            "seconds": med, "ours_vs_plain": med["ours"] / med["plain"],
+            "released_vs_ours": med["released"] / med["ours"]}

@@ -1,0 +1,79 @@
+"""The step benchmark (medic_fast.zoo.bench) and the benchmark scripts' shared harness."""
+import ast
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import medic_fast
+from medic_fast.zoo.bench import bench_steps
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def harness():
+    spec = importlib.util.spec_from_file_location("_harness", BENCHMARKS / "_harness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_steps_times_the_cloner_users_get(monkeypatch, capsys):
+    made = []
+
+    class Spy(medic_fast.Cloner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(kwargs)
+
+    monkeypatch.setattr(medic_fast, "Cloner", Spy)
+    r = bench_steps(batch=2, size=8, repeats=2, warmup=1, backend="reference", progress=True)
+    assert made == [{"tau": 5.0, "lam": 10.0, "backend": "reference"}]
+    assert set(r["seconds"]) == {"plain", "ours", "released"}
+    assert all(v > 0 for v in r["seconds"].values())
+    assert r["hooked"] == 25 and (r["batch"], r["size"], r["repeats"]) == (2, 8, 2)
+    assert r["ours_vs_plain"] == pytest.approx(r["seconds"]["ours"] / r["seconds"]["plain"])
+    assert capsys.readouterr().err.count("bench: round") == 3
+
+
+def test_median_ms_warms_up_then_takes_the_median(harness):
+    calls = []
+    assert harness.median_ms(lambda: calls.append(1), repeat=5, warmup=2) >= 0
+    assert len(calls) == 7
+
+
+def test_write_rows_json_and_csv(harness, tmp_path):
+    rows = [{"case": "a", "ms": 1.5}, {"case": "b", "note": "x", "threads": 1}]
+    js, cs = tmp_path / "r.json", tmp_path / "r.csv"
+    harness.write_rows(rows, "bench_x", json_path=str(js), csv_path=str(cs))
+    written = json.loads(js.read_text())
+    assert [r["case"] for r in written] == ["a", "b"]
+    assert written[0]["benchmark"] == "bench_x" and written[0]["torch"]
+    assert written[1]["threads"] == 1  # a row's own value wins over the run's
+    with open(cs, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["case", "ms", "note", "threads", "benchmark", "torch",
+                              "medic_fast", "timestamp"]
+    assert table[0]["note"] == "" and table[1]["note"] == "x" and table[1]["threads"] == "1"
+    assert [r["timestamp"] for r in table] == [r["timestamp"] for r in written]
+
+
+def test_write_rows_writes_nothing_without_paths(harness, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    harness.write_rows([{"a": 1}], "bench_x")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("bench_*.py")))
+def test_scripts_share_only_the_harness(script):
+    """A benchmark script imports from ``_harness`` only, never from another script."""
+    local = {p.stem for p in BENCHMARKS.glob("*.py")}
+    tree = ast.parse((BENCHMARKS / script).read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+             for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree)
+              if isinstance(n, ast.ImportFrom) and n.module}
+    assert names & local == {"_harness"}
