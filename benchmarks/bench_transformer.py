@@ -141,7 +141,9 @@ def step(args):
         t_plain.append(statistics.median(tp))
         t_ours.append(statistics.median(to))
         ratios.append(t_ours[-1] / t_plain[-1])
-    reset = lambda: opt.zero_grad(set_to_none=True)
+
+    def reset():
+        return opt.zero_grad(set_to_none=True)
     mem_plain, mem_ours = peak_extra_bytes(plain, reset), peak_extra_bytes(ours, reset)
     print(f"step: 6 x d512 transformer, batch 8 x 256 tokens, 6 block outputs hooked, "
           f"{torch.get_num_threads()} threads")

@@ -362,28 +362,28 @@ def _launch_group(idx, aligned, t, c, g, mu, inv_s, tau_s, inner, tau, signed, r
     tab, ftab = [], []
     n_part = n_row = n_tile = 0
     first = [0, 0, 0]
-    for l in idx:
-        rows, m = t[l].shape
+    for li in idx:
+        rows, m = t[li].shape
         if m > _MAX_M:
             raise ValueError(f"rows of more than {_MAX_M} neurons are not supported "
-                             f"(layer {l} has {m})")
+                             f"(layer {li} has {m})")
         ntiles = triton.cdiv(m, block)
         nsplit, per = _splits(rows, ntiles, target)
         rescale = need_grad and ntiles > 1
-        nstat = mu[l].numel()
-        inner_mul, inner_shift = _magic(inner[l])
+        nstat = mu[li].numel()
+        inner_mul, inner_shift = _magic(inner[li])
         nstat_mul, nstat_shift = _magic(nstat)
         tab.append(Layer(
-            t=t[l].data_ptr(), c=c[l].data_ptr(), g=g[l].data_ptr(),
-            dc=dc[l].data_ptr() if dc else 0, mu=mu[l].data_ptr(), inv_s=inv_s[l].data_ptr(),
-            tau_s=tau_s[l].data_ptr(), stride_t=t[l].stride(0), stride_c=c[l].stride(0),
-            stride_g=g[l].stride(0), m=m, rows=rows, inner_mul=inner_mul, inner_shift=inner_shift,
+            t=t[li].data_ptr(), c=c[li].data_ptr(), g=g[li].data_ptr(),
+            dc=dc[li].data_ptr() if dc else 0, mu=mu[li].data_ptr(), inv_s=inv_s[li].data_ptr(),
+            tau_s=tau_s[li].data_ptr(), stride_t=t[li].stride(0), stride_c=c[li].stride(0),
+            stride_g=g[li].stride(0), m=m, rows=rows, inner_mul=inner_mul, inner_shift=inner_shift,
             nstat=nstat, nstat_mul=nstat_mul, nstat_shift=nstat_shift, nsplit=nsplit, per=per,
             ntiles=ntiles, part_base=n_part, row_base=n_row, tile_base=n_tile,
             rescale=int(rescale), first_partial=first[0], first_merge=first[1],
             first_rescale=first[2]))
-        ftab.append(LayerScalars(loss_scale=row_scale[l] if reduce_rows else 1.0,
-                                 grad_scale=-2.0 * row_scale[l], tau=tau * _HALF_LOG2E.value))
+        ftab.append(LayerScalars(loss_scale=row_scale[li] if reduce_rows else 1.0,
+                                 grad_scale=-2.0 * row_scale[li], tau=tau * _HALF_LOG2E.value))
         n_part += rows * nsplit
         n_row += rows
         n_tile += rows * ntiles if rescale else 0
@@ -417,8 +417,8 @@ def forward(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_row
     """
     dc = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in c] if need_grad else []
     groups: dict[tuple[torch.dtype, bool], list[int]] = {}
-    for l, x in enumerate(t):
-        groups.setdefault((x.dtype, _aligned(x, c[l], g[l])), []).append(l)
+    for li, x in enumerate(t):
+        groups.setdefault((x.dtype, _aligned(x, c[li], g[li])), []).append(li)
     acc = _acc(t[0].dtype)
     losses = [_launch_group(idx, aligned, t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale,
                             reduce_rows, dc)

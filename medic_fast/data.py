@@ -119,7 +119,8 @@ def split(X: Tensor, y: Tensor, fractions: Sequence[float], *, seed: int = 0,
     for idx in groups:
         idx = idx[torch.randperm(len(idx), generator=gen)]
         cum = torch.tensor([0.0, *fr], dtype=torch.float64).cumsum(0).clamp(max=1.0)
-        cuts = (cum * len(idx)).round().long().tolist()  # cumulative: fractions summing to 1 keep all
+        # cumulative: fractions summing to 1 keep every sample
+        cuts = (cum * len(idx)).round().long().tolist()
         for k in range(len(fr)):
             parts[k].append(idx[cuts[k]:cuts[k + 1]])
     out = []
@@ -143,7 +144,8 @@ class RandomCropFlip:
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
-            raise ValueError(f"RandomCropFlip takes images [B, C, H, W], got shape {tuple(x.shape)}")
+            raise ValueError(f"RandomCropFlip takes images [B, C, H, W], got shape "
+                             f"{tuple(x.shape)}")
         b, _, h, w = x.shape
         p = self.padding
         if p:
@@ -152,7 +154,8 @@ class RandomCropFlip:
             ox = torch.randint(0, 2 * p + 1, (b, 1), device=x.device)
             rows = (oy + torch.arange(h, device=x.device))[:, :, None]
             cols = (ox + torch.arange(w, device=x.device))[:, None, :]
-            x = xp[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+            batch = torch.arange(b, device=x.device)[:, None, None]
+            x = xp[batch, :, rows, cols].permute(0, 3, 1, 2)
         if self.flip:
             mirror = torch.rand(b, device=x.device) < 0.5
             x = torch.where(mirror[:, None, None, None], x.flip(3), x)

@@ -121,7 +121,9 @@ def test_masked_loss_ignores_padded_tokens():
         return loss, c.grad
 
     loss, grad = run(t, c, g)
-    junk = lambda x: torch.where(mask[..., None], x, 1e3 * torch.randn(x.shape, generator=gen))
+
+    def junk(x):
+        return torch.where(mask[..., None], x, 1e3 * torch.randn(x.shape, generator=gen))
     loss2, grad2 = run(junk(t), junk(c), junk(g))
     assert torch.allclose(loss, loss2) and torch.allclose(grad, grad2)
     assert grad[~mask].abs().max() == 0 and grad[mask].abs().max() > 0

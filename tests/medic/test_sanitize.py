@@ -1,7 +1,6 @@
 """MEDIC end to end: capture and teacher gradients, statistics, sanitize (checkpoint, resume,
 NaN stop), evaluate, and 2-process DDP."""
 import copy
-import importlib
 import math
 import os
 
