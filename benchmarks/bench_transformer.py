@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 import medic_fast
+from medic_fast.data import make_loader
 from medic_fast.medic.cloner import Cloner, masked_clone_loss
+from medic_fast.train import fit
 from medic_fast.zoo.transformer import TinyTransformer, TokenTrigger, make_sequences, padding_mask
 
 from _harness import add_output_options, peak_extra_bytes, write_rows
@@ -34,19 +36,12 @@ from _harness import add_output_options, peak_extra_bytes, write_rows
 MiB = 1 << 20
 
 
-def _train(step_loss, params, X, y, *, epochs, lr, batch, seed):
-    """Adam + cosine over ``epochs`` on ``(X, y)``; ``step_loss(x, y, mask)`` is the loss."""
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=1e-4)
-    steps = epochs * ((len(X) + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(X), generator=gen).split(batch):
-            loss = step_loss(X[idx], y[idx], padding_mask(X[idx]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+def _train(net, loss, X, y, *, epochs, lr, batch, seed):
+    """Adam (weight decay 1e-4) + cosine over ``epochs`` on ``(X, y)``, with the package's one
+    training loop; ``loss(x, y, mask)`` is the step's loss."""
+    loader = make_loader((X, y), batch_size=batch, shuffle=True, seed=seed)
+    fit(net, loader, lambda x, t: (loss(x, t, padding_mask(x)), {}), epochs=epochs, lr=lr,
+        weight_decay=1e-4, seed=seed)
 
 
 def demo(args):
@@ -68,8 +63,8 @@ def demo(args):
     torch.manual_seed(0)
     trojaned = TinyTransformer(**kw)
     t0 = time.perf_counter()
-    _train(lambda x, y, m: F.cross_entropy(trojaned(x), y), trojaned.parameters(),
-           poisoned.X, poisoned.y, epochs=args.epochs, lr=2e-3, batch=64, seed=0)
+    _train(trojaned, lambda x, y, m: F.cross_entropy(trojaned(x), y), poisoned.X, poisoned.y,
+           epochs=args.epochs, lr=2e-3, batch=64, seed=0)
     rows.append(report("trojaned", trojaned, time.perf_counter() - t0))
 
     teacher = copy.deepcopy(trojaned).eval().requires_grad_(False)
@@ -80,20 +75,19 @@ def demo(args):
     torch.manual_seed(1)
     clone = TinyTransformer(**kw)
     cloner = Cloner(teacher, clone, layers, stats, tau=5.0, lam=args.lam)
-    _train(cloner, clone.parameters(), Xcl, ycl, epochs=args.clone_epochs, lr=2e-3, batch=32,
-           seed=1)
+    _train(clone, cloner, Xcl, ycl, epochs=args.clone_epochs, lr=2e-3, batch=32, seed=1)
     rows.append(report("MEDIC clone (Cloner)", clone, time.perf_counter() - t0))
 
     tuned = copy.deepcopy(trojaned)
     t0 = time.perf_counter()
-    _train(lambda x, y, m: F.cross_entropy(tuned(x), y), tuned.parameters(), Xcl, ycl,
+    _train(tuned, lambda x, y, m: F.cross_entropy(tuned(x), y), Xcl, ycl,
            epochs=args.clone_epochs, lr=2e-4, batch=32, seed=1)
     rows.append(report("fine-tuned", tuned, time.perf_counter() - t0))
 
     torch.manual_seed(1)
     scratch = TinyTransformer(**kw)
     t0 = time.perf_counter()
-    _train(lambda x, y, m: F.cross_entropy(scratch(x), y), scratch.parameters(), Xcl, ycl,
+    _train(scratch, lambda x, y, m: F.cross_entropy(scratch(x), y), Xcl, ycl,
            epochs=args.clone_epochs, lr=2e-3, batch=32, seed=1)
     rows.append(report("from scratch (CE only)", scratch, time.perf_counter() - t0))
     return rows
