@@ -1,0 +1,36 @@
+"""Helpers shared by the tests (on ``sys.path`` through ``pythonpath`` in pyproject.toml)."""
+import copy
+
+import torch
+from torch import nn
+
+from medic_fast.zoo import datasets
+
+
+def digits(n=None, seed=0):
+    X, y = datasets.load_digits()
+    if n is not None:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(y), generator=g)[:n]
+        X, y = X[idx], y[idx]
+    return X, y
+
+
+def frozen(model):
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def double_backward_grads(model, layers, x, y):
+    """The straightforward way: parameters and input require grad, every hooked tensor retains
+    its grad, CE.backward() through everything."""
+    model = copy.deepcopy(model).eval().requires_grad_(True)
+    x = x.clone().requires_grad_()
+    modules = dict(model.named_modules())
+    acts = {}
+    hooks = [modules[n].register_forward_hook(
+        lambda m, i, o, n=n: acts.__setitem__(n, o) or o.retain_grad()) for n in layers]
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    return [acts[n].detach() for n in layers], [acts[n].grad for n in layers]

@@ -1,0 +1,111 @@
+"""Activation capture: outputs, inputs, tuple selection, in-place copies, and the teacher's
+gradients from one backward to the hooked tensors only."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from medic_fast.capture import (ActivationCapture, default_layers, inplace_modified,
+                                resolve_layers, teacher_signals)
+from medic_fast.zoo import models
+from shared import double_backward_grads, frozen
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: models.DigitsCNN((4, 6, 8)), (5, 1, 8, 8)),
+                                        (lambda: models.wrn16_1(), (3, 3, 8, 8)),
+                                        (lambda: models.MLP(3, 4, (8, 7, 6, 5)), (9, 3))])
+def test_teacher_signals_match_double_backward(make, shape):
+    torch.manual_seed(0)
+    model = make()
+    for m in model.modules():  # non-trivial BatchNorm statistics in eval mode
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    layers = default_layers(model) or [n for n, m in model.named_modules()
+                                       if isinstance(m, (nn.Linear, nn.ReLU))]
+    x, y = torch.randn(shape), torch.randint(0, 4, (shape[0],))
+    teacher = frozen(model)
+    with ActivationCapture(teacher, layers, differentiable=True) as cap:
+        acts, grads = teacher_signals(teacher, cap, x, y)
+    ref_acts, ref_grads = double_backward_grads(model, layers, x, y)
+    assert len(acts) == len(layers)
+    for a, g, ra, rg in zip(acts, grads, ref_acts, ref_grads):
+        torch.testing.assert_close(a, ra)
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-7)
+        assert not a.requires_grad and g.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_backward_reaches_hooked_tensors_only():
+    """No parameter gradient and no input gradient are computed: the backward stops at the
+    first hooked tensor, so the convolution before it never runs its backward."""
+    model = frozen(models.DigitsCNN((4, 4, 4)))
+    calls = []
+    model.features[0].register_full_backward_hook(lambda *a: calls.append("conv0"))
+    layers = ["features.1", "features.3"]
+    x = torch.rand(2, 1, 8, 8)
+    with ActivationCapture(model, layers, differentiable=True) as cap:
+        teacher_signals(model, cap, x, torch.tensor([1, 2]))
+    assert calls == [] and x.grad is None
+
+
+def test_inplace_outputs_are_copied():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(inplace=True),
+                        nn.Flatten(), nn.Linear(3 * 16, 4))
+    x, y = torch.randn(6, 1, 4, 4), torch.randint(0, 4, (6,))
+    teacher = frozen(net)
+    assert inplace_modified(teacher, ["0", "1"], x) == ["1"]
+    with ActivationCapture(teacher, ["0", "1"], differentiable=True) as cap:
+        teacher(x)
+        with pytest.raises(RuntimeError, match="modified in place"):
+            cap.outputs()
+    with ActivationCapture(teacher, ["0", "1"], differentiable=True, copy=["1"]) as cap:
+        acts, grads = teacher_signals(teacher, cap, x, y)
+    plain = copy.deepcopy(net)
+    plain[2] = nn.ReLU()
+    ref_acts, ref_grads = double_backward_grads(plain, ["0", "1"], x, y)
+    for a, g, ra, rg in zip(acts, grads, ref_acts, ref_grads):
+        torch.testing.assert_close(a, ra)
+        torch.testing.assert_close(g, rg)
+    assert (acts[1] < 0).any()  # the BatchNorm output, not the rectified one
+
+
+def test_capture_errors():
+    model = models.DigitsCNN((4, 4, 4))
+    with pytest.raises(ValueError, match="'nope' is not a submodule"):
+        resolve_layers(model, ["nope"])
+    with pytest.raises(TypeError, match="sequence of module names"):
+        resolve_layers(model, "features.0")
+    with pytest.raises(ValueError, match="more than once"):
+        resolve_layers(model, ["features.0", "features.0"])
+    with pytest.raises(ValueError, match="no conv or BatchNorm"):
+        resolve_layers(models.MLP(), None)
+    shared = nn.Linear(3, 3)
+    twice = nn.Sequential(shared, shared)
+    with ActivationCapture(twice, ["0"]) as cap, pytest.raises(RuntimeError, match="ran twice"):
+        twice(torch.randn(2, 3))
+    with ActivationCapture(model, ["features.0"]) as cap, \
+            pytest.raises(RuntimeError, match="did not run"):
+        cap.outputs()
+    with pytest.raises(ValueError, match="differentiable"):
+        teacher_signals(model, ActivationCapture(model, ["features.0"]), torch.rand(1, 1, 8, 8),
+                        torch.tensor([0]))
+    assert not model.features[0]._forward_hooks  # hooks removed on exit
+
+
+def test_capture_of_inputs():
+    torch.manual_seed(0)
+    model = models.MLP(3, 4, (8, 7))
+    x = torch.randn(6, 3)
+    with ActivationCapture(model, ["layers.2", "layers.4"], inputs=True) as cap, \
+            torch.no_grad():
+        model(x)
+        first, last = cap.outputs()
+        torch.testing.assert_close(first, model.layers[:2](x))
+        torch.testing.assert_close(last, model.layers[:4](x))
+    with pytest.raises(ValueError, match="outputs only"):
+        ActivationCapture(model, ["layers.2"], inputs=True, differentiable=True)
