@@ -6,20 +6,34 @@ are always built; ``.cu`` sources only where PyTorch itself has CUDA. It holds n
 only CPU (and CUDA) kernels of the ops ``medic_fast.ops`` defines in ``torch.ops.medic_fast``; they
 register themselves when the library loads. If the build fails, :class:`ExtensionUnavailable`
 says why, ``backend="auto"`` falls back to the reference, and ``backend="reference"`` works.
+
+One process at a time builds and loads, holding ``build.lock`` in the build directory: an
+``flock``, which the OS drops when its holder dies, however it dies, so a killed build never
+blocks later ones (torch's own lock file, which a killed build leaves behind, is removed under
+it). Others wait for it, at most ``$MEDIC_FAST_BUILD_TIMEOUT`` seconds (default 15 minutes).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import platform
+import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
 
-__all__ = ["ExtensionUnavailable", "load", "cache_dir", "source_dir", "sources"]
+try:
+    import fcntl
+except ImportError:  # Windows: torch's lock file alone guards the build, as before
+    fcntl = None
+
+__all__ = ["ExtensionUnavailable", "load", "cache_dir", "build_dir", "source_dir", "sources"]
 
 _lock = threading.Lock()
 _loaded: str | None = None
@@ -75,6 +89,12 @@ def cache_dir() -> Path:
     return Path(root) / f"ext-{_cpu_tag()}"
 
 
+def build_dir(with_cuda: bool | None = None) -> Path:
+    """The build directory in :func:`cache_dir`: ``cpu``, or ``cuda`` when CUDA is built."""
+    with_cuda = _with_cuda() if with_cuda is None else with_cuda
+    return cache_dir() / ("cuda" if with_cuda else "cpu")
+
+
 def _cflags() -> list[str]:
     flags = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
     if platform.machine() in ("x86_64", "AMD64"):
@@ -123,23 +143,24 @@ def _build_and_load(verbose: bool) -> str:
     srcs = sources(with_cuda)
     if not srcs:
         raise ExtensionUnavailable(f"no C++ sources found in {source_dir()}")
-    build_dir = cache_dir() / ("cuda" if with_cuda else "cpu")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    lib = build_dir / "medic_fast_C.so"
-    if not lib.exists() or _stale(lib, srcs):
-        print(f"medic_fast: building the C++ extension in {build_dir} (once)...", file=sys.stderr)
-    cpp_extension.load(
-        name="medic_fast_C",
-        sources=[str(s) for s in srcs],
-        extra_cflags=_cflags() + (["-DMEDIC_FAST_WITH_CUDA"] if with_cuda else []),
-        extra_cuda_cflags=["-O3", "-lineinfo"],
-        extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(source_dir())],
-        build_directory=str(build_dir),
-        with_cuda=with_cuda,
-        is_python_module=False,
-        verbose=verbose,
-    )
+    bdir = build_dir(with_cuda)
+    bdir.mkdir(parents=True, exist_ok=True)
+    lib = bdir / "medic_fast_C.so"
+    with _build_lock(bdir, _timeout()):
+        if not lib.exists() or _stale(lib, srcs):
+            print(f"medic_fast: building the C++ extension in {bdir} (once)...", file=sys.stderr)
+        cpp_extension.load(
+            name="medic_fast_C",
+            sources=[str(s) for s in srcs],
+            extra_cflags=_cflags() + (["-DMEDIC_FAST_WITH_CUDA"] if with_cuda else []),
+            extra_cuda_cflags=["-O3", "-lineinfo"],
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(source_dir())],
+            build_directory=str(bdir),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=verbose,
+        )
     return str(lib)
 
 
@@ -147,3 +168,120 @@ def _stale(lib: Path, srcs: list[Path]) -> bool:
     built = lib.stat().st_mtime
     deps = list(srcs) + list(source_dir().glob("*.h")) + list(source_dir().glob("*.cuh"))
     return any(p.stat().st_mtime > built for p in deps)
+
+
+_POLL_S = 0.2
+
+
+def _timeout() -> float:
+    """Seconds to wait for another process's build: ``$MEDIC_FAST_BUILD_TIMEOUT``, else 15 min."""
+    value = os.environ.get("MEDIC_FAST_BUILD_TIMEOUT") or "900"
+    try:
+        return float(value)
+    except ValueError:
+        raise ExtensionUnavailable(
+            f"MEDIC_FAST_BUILD_TIMEOUT must be a number of seconds, got {value!r}") from None
+
+
+@contextlib.contextmanager
+def _build_lock(bdir: Path, timeout: float):
+    """Hold ``bdir/build.lock`` for a build and load, waiting at most ``timeout`` seconds.
+
+    The file names its holder (JSON: pid, process group, host, start time) while held, and is
+    emptied on release; a record found on acquiring is a holder killed mid-build, whose ninja and
+    compilers may still run: they are waited for, so two builds never write the same files.
+    """
+    if fcntl is None:
+        yield
+        return
+    path = bdir / "build.lock"
+    deadline = time.monotonic() + timeout
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _acquire(fd, path, deadline, timeout)
+        killed = _holder(path)
+        me = {"pid": os.getpid(), "pgid": os.getpgid(0), "host": socket.gethostname(),
+              "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        try:
+            if killed:
+                _await_leftovers(bdir, killed, deadline, timeout)
+            # torch's lock file: stale, as every build holds build.lock; left, it blocks forever
+            (bdir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _acquire(fd: int, path: Path, deadline: float, timeout: float) -> None:
+    """``flock`` ``fd``, polling; one line on stderr when it must wait, an error at ``deadline``."""
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        who = _describe(_holder(path))
+        if not waiting:
+            print(f"medic_fast: waiting for the extension build of {who} (lock {path})",
+                  file=sys.stderr)
+            waiting = True
+        if time.monotonic() >= deadline:
+            raise ExtensionUnavailable(
+                f"gave up after {timeout:g} s (MEDIC_FAST_BUILD_TIMEOUT) waiting for the extension "
+                f"build of {who}, which holds {path}: if that build is stuck, kill that process, "
+                f"or delete {path.parent} to start over")
+        time.sleep(_POLL_S)
+
+
+def _holder(path: Path) -> dict:
+    """The record in the lock file; empty when nobody holds it (or has not written it yet)."""
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "another process"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+    return f"pid {holder.get('pid')} on host {holder.get('host')}, started at {started}"
+
+
+def _await_leftovers(bdir: Path, killed: dict, deadline: float, timeout: float) -> None:
+    """Wait until the processes a killed build left running in ``bdir`` have exited."""
+    if killed.get("host") != socket.gethostname():
+        return
+    waiting = False
+    while pids := _leftovers(bdir, killed.get("pgid")):
+        if not waiting:
+            print(f"medic_fast: waiting for processes {pids}, left running by the killed extension "
+                  f"build of {_describe(killed)}, to exit", file=sys.stderr)
+            waiting = True
+        if time.monotonic() >= deadline:
+            raise ExtensionUnavailable(
+                f"gave up after {timeout:g} s (MEDIC_FAST_BUILD_TIMEOUT) waiting for processes "
+                f"{pids}, left running in {bdir} by the killed extension build of "
+                f"{_describe(killed)}: kill them, or delete {bdir} to start over")
+        time.sleep(_POLL_S)
+
+
+def _leftovers(bdir: Path, pgid: int | None) -> list[int]:
+    """Processes of group ``pgid`` working in ``bdir`` (ninja and the compilers it started: what a
+    killed builder leaves running); read from ``/proc``, so none where there is no ``/proc``."""
+    here = os.path.realpath(bdir)
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            pid = int(proc.name)
+            if (pid != os.getpid() and os.getpgid(pid) == pgid
+                    and os.readlink(proc / "cwd") == here):
+                found.append(pid)
+        except (OSError, ValueError):
+            continue
+    return found
