@@ -8,7 +8,8 @@ extension, ``csrc/importance_clone.cpp``) and ``"triton"`` for CUDA tensors (``k
 
 The op takes every layer at once and returns the loss and, when ``acts_c`` needs a gradient,
 that gradient too (computed in the same pass over the data, the fused cross-entropy trick).
-Backward then only scales the kept gradient by the incoming one, in place.
+Backward then only scales the kept gradient by the incoming one, in place; with
+``create_graph=True`` it recomputes the gradient differentiably instead (higher-order gradients).
 """
 from __future__ import annotations
 
@@ -238,6 +239,20 @@ def _plain_eager(*tensors: Tensor) -> bool:
             and all(type(x) is Tensor for x in tensors))
 
 
+def _differentiable_grad(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, scale):
+    """One layer's gradient as the op gives it, ``scale * row_scale * d loss / d c``, in plain
+    PyTorch on the op's arguments: ``-2 * w_i * r_i * inv_s_i`` (DESIGN.md §1), differentiable
+    in ``c`` and ``scale``; ``t``, ``g`` and the statistics are constants."""
+    k = (torch.arange(t.shape[1], device=t.device) // inner) % mu.shape[0]
+    mu, inv_s, tau_s = mu[k].detach(), inv_s[k].detach(), tau_s[k].detach()
+    t_, g_ = t.detach().to(mu.dtype), g.detach().to(mu.dtype)
+    z = (t_ - mu) * inv_s
+    a = tau * (z if signed else z.abs())
+    w = torch.exp((torch.log_softmax(a, 1) + torch.log_softmax(tau_s * g_, 1)) / 2)
+    r = (t_ - c.to(mu.dtype)) * inv_s
+    return ((-2.0 * row_scale) * w * inv_s * r * scale).to(c.dtype)
+
+
 def _backward(ctx, grad_loss, _grad_dc):
     """Scale the gradient kept by the forward by ``grad_loss``.
 
@@ -245,6 +260,9 @@ def _backward(ctx, grad_loss, _grad_dc):
     allocates nothing of the inputs' size beyond its output), and a second backward through the
     same graph (``retain_graph=True``, gradcheck) recomputes the gradient from the saved inputs.
     Traced, it multiplies out of place, as a graph must (Inductor fuses it into one pass).
+    With ``create_graph=True`` (grad mode on here) it is recomputed from the saved inputs in plain
+    PyTorch, so higher-order gradients are exact. (A compiled graph's backward is traced without
+    grad mode; AOTAutograd then refuses double backward with an error.)
     """
     n = ctx.n_layers
     saved = ctx.saved_tensors
@@ -255,6 +273,10 @@ def _backward(ctx, grad_loss, _grad_dc):
         return tuple(grads)
     inner, tau, signed, row_scale, reduce_rows, _ = ctx.args
     scale = grad_loss if reduce_rows else grad_loss[:, None]
+    if torch.is_grad_enabled():
+        grads[1] = [_differentiable_grad(*layer, inn, tau, signed, rs, scale)
+                    for *layer, inn, rs in zip(*inputs, inner, row_scale)]
+        return tuple(grads)
     if not _plain_eager(grad_loss, *dc):
         # The fp32 scale, as eager multiplies with it.
         grads[1] = [(d * scale).to(d.dtype) for d in dc]

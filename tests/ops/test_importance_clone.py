@@ -264,6 +264,92 @@ def test_second_backward_recomputes(backend_arg):
     torch.testing.assert_close(g3, g1 / 2, rtol=1e-6, atol=0)
 
 
+def run_double(layers, backend, coef, *, single=True, **kw):
+    """``total = sum(u * loss) + coef * sum_l |G_l|^2``, ``G_l = d sum(u * loss) / d acts_c[l]``
+    taken with ``create_graph=True`` and ``u`` fixed random row weights: ``total``, the ``G_l``
+    and ``d total / d acts_c``."""
+    cs = [c.detach().clone().requires_grad_() for _, c, _, _, _ in layers]
+    args = [[layer[0] for layer in layers], cs, [layer[2] for layer in layers],
+            None if layers[0][3] is None else [layer[3] for layer in layers],
+            None if layers[0][4] is None else [layer[4] for layer in layers]]
+    if single:
+        args = [a if a is None else a[0] for a in args]
+    loss = medic_fast.importance_clone_loss(*args, backend=backend, **kw)
+    u = (torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)) + 0.5).to(loss.dtype)
+    first = (u * loss).sum()
+    gs = torch.autograd.grad(first, cs, create_graph=True)
+    assert all(gr.requires_grad for gr in gs)
+    total = first + coef * sum(gr.to(loss.dtype).pow(2).sum() for gr in gs)
+    total.backward()
+    return total.detach(), [gr.detach() for gr in gs], [c.grad for c in cs]
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("case", [
+    dict(shape=(3, 4, 5, 5), layers=2, reduction="mean"),
+    dict(shape=(3, 4, 3, 3), stats="neuron", reduction="sum", criterion="signed"),
+    dict(shape=(2, 5, 33), start_dim=2, reduction="none"),
+    dict(shape=(4, 6, 5), stats=None, reduction="none", criterion="signed"),
+    dict(shape=(4, 8, 6, 6), dtype=torch.bfloat16, reduction="mean"),
+], ids=["channel-2layers-mean", "neuron-sum-signed", "tokens-none", "batchstats-none",
+        "bf16-mean"])
+def test_double_backward_matches_reference(backend_arg, case):
+    """A gradient penalty, ``loss + coef * |grad|^2``: value, first-order gradient and the
+    gradient through it (second order) against the float64 reference."""
+    case = dict(case)
+    made = {k: case.pop(k) for k in ("shape", "layers", "stats", "start_dim", "dtype") if k in case}
+    layers = make(made.pop("shape"), **made)
+    dtype = made.get("dtype", torch.float32)
+    kw = dict(case, tau=5.0, start_dim=made.get("start_dim", 1), single=len(layers) == 1)
+    up = [tuple(None if x is None else x.double() for x in layer) for layer in layers]
+    first64, g64, _ = run_double(up, "reference", 0.0, **kw)
+    coef = float(first64) / sum(float(g.pow(2).sum()) for g in g64)  # two terms of one size
+    total64, g64, d64 = run_double(up, "reference", coef, **kw)
+    total, gs, ds = run_double(layers, backend_arg, coef, **kw)
+    tol = TOL[dtype]
+    torch.testing.assert_close(total.double(), total64, rtol=tol["rtol"], atol=0)
+    for got, want in [*zip(gs, g64), *zip(ds, d64)]:
+        assert got.dtype == dtype
+        scale = want.abs().max()
+        torch.testing.assert_close(got.double() / scale, want / scale, rtol=tol["rtol"],
+                                   atol=tol["rtol"])
+    for d, g in zip(d64, g64):  # the second-order part is not negligible
+        assert (d - g).norm() > 0.1 * g.norm()
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradgradcheck(backend_arg, reduction):
+    """Second derivatives in float64, in ``acts_c`` and in the incoming gradient; two layers,
+    per-channel statistics read in runs (``inner > 1``)."""
+    layers = make((2, 2, 4, 4), dtype=torch.float64, layers=2)
+    ts, cs, gs, ms, ss = (list(x) for x in zip(*layers))
+    ms, ss = [m.double() for m in ms], [s.double() for s in ss]
+    cs = [c.clone().requires_grad_() for c in cs]
+
+    def f(*cs_):
+        return medic_fast.importance_clone_loss(ts, list(cs_), gs, ms, ss, tau=5.0,
+                                                criterion="signed", reduction=reduction,
+                                                backend=backend_arg)
+
+    assert torch.autograd.gradgradcheck(f, cs, eps=1e-6, atol=1e-7)
+
+
+def test_double_backward_under_compile_raises():
+    """torch.compile traces the backward without grad mode, so its gradient is first-order only:
+    a backward through it is an error, never a wrong number."""
+    (t, c, g, mean, std), = make((3, 4, 5))
+    c = c.clone().requires_grad_()
+    torch._dynamo.reset()
+    f = torch.compile(lambda c_: medic_fast.importance_clone_loss(t, c_, g, mean, std,
+                                                                  backend="cpp"),
+                      fullgraph=True, backend="inductor")
+    loss = f(c)
+    (gr,) = torch.autograd.grad(loss, c, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not currently support double backward"):
+        (loss + gr.pow(2).sum()).backward()
+
+
 @pytest.mark.parametrize("backend", ALL)
 def test_torch_compile_fullgraph(backend_arg):
     layers = make((4, 6, 5, 5), layers=2)
