@@ -56,8 +56,11 @@ def dist_shard() -> Optional[Tuple[int, int]]:
 
 def save_atomic(state, path) -> None:
     """``torch.save(state)`` to ``path`` through a temporary file and ``os.replace``: a reader (or
-    a crash) sees the old file or the new one, never half of one."""
+    a crash) sees the old file or the new one, never half of one. Temporary files of ``path``
+    left by killed writers (``path.tmp<pid>``, the pid no longer running) are removed first.
+    Errors name ``path``, not the temporary file."""
     path = os.fspath(path)
+    _remove_stale_temps(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -65,9 +68,37 @@ def save_atomic(state, path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, path) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Remove ``path.tmp<pid>`` files beside ``path`` whose writer process is gone (POSIX)."""
+    if os.name != "posix":
+        return
+    folder, prefix = os.path.dirname(path) or ".", os.path.basename(path) + ".tmp"
+    try:
+        entries = [e.name for e in os.scandir(folder)]
+    except OSError:
+        return
+    for name in entries:
+        pid = name[len(prefix):]
+        if not (name.startswith(prefix) and pid.isdecimal()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            try:
+                os.remove(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
+        except (PermissionError, OverflowError):  # alive, another user's; or not a pid
+            pass
 
 
 def check_int(name: str, v, low: int = 1) -> int:

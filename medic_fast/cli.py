@@ -51,8 +51,10 @@ def _write_new(path: str, text: str) -> None:
 def _cmd_demo(args) -> int:
     from medic_fast.zoo.demo import run_demo
 
-    if args.out is not None and os.path.exists(args.out):
-        return _fail(f"--out {args.out!r} exists; it is never overwritten: choose another path")
+    out = args.out or _free_name("medic-fast-demo", ".json")
+    why = _check_outputs([("--out", out, _NEVER_OVERWRITTEN)])
+    if why:
+        return _fail(why)
     result = run_demo(args.seed, progress=not args.no_progress, threads=args.threads)
     text = json.dumps(result, indent=2)
     if args.json:
@@ -69,6 +71,56 @@ def _cmd_demo(args) -> int:
 # --------------------------------------------------------------------------------------------
 # sanitize / scan: a user's own model and data
 # --------------------------------------------------------------------------------------------
+
+_NEVER_OVERWRITTEN = "exists and is never overwritten; choose another path"
+
+
+def _check_outputs(outputs) -> Optional[str]:
+    """Why one of the output files cannot be written, or None; checked before any work.
+
+    ``outputs``: ``(flag, path, if_exists)`` triples (``path`` None: not given); ``if_exists``
+    says why an existing file must not be replaced and what to do, or is None to replace it.
+    """
+    seen = {}
+    for flag, path, if_exists in outputs:
+        if path is None:
+            continue
+        what = f"{flag} {path!r}"
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            return f"{what}: is a directory; give a file path, e.g. " \
+                f"{os.path.join(path, 'out' + (os.path.splitext(path)[1] or '.pt'))!r}"
+        if os.path.lexists(path) and if_exists:
+            return f"{what}: {if_exists}"
+        if not os.path.lexists(folder):
+            return f"{what}: directory {folder!r} does not exist; create it, or choose another path"
+        if not os.path.isdir(folder):
+            return f"{what}: {folder!r} is not a directory; choose another path"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"{what}: directory {folder!r} is not writable; choose another path"
+        key = os.path.realpath(path)
+        if key in seen:
+            return f"{what}: is the same file as {seen[key]}; give each output its own path"
+        seen[key] = what
+    return None
+
+
+def _check_backend(backend: str, op: str, device) -> Optional[str]:
+    """Why ``--backend`` cannot run ``op`` on ``device``, or None (auto may fall back, warning)."""
+    from medic_fast._extension import ExtensionUnavailable
+    from medic_fast.ops import _dispatch
+
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        return f"--device {device!r}: {e}; give a torch device such as cpu or cuda:0"
+    try:
+        _dispatch.resolve(op, backend, device)
+    except (ValueError, TypeError, ExtensionUnavailable) as e:
+        why = " ".join(str(e).split())
+        return f"--backend {backend!r}: {why}; use --backend auto or reference"
+    return None
+
 
 def _resolve(spec: str, option: str):
     """The object named by ``pkg.module:attr`` (the cwd is importable, as with ``python -m``)."""
@@ -112,13 +164,22 @@ def _load_model(args):
 
 def _cmd_sanitize(args) -> int:
     import medic_fast as mf
+    from medic_fast._utils import save_atomic
 
-    if os.path.exists(args.out):
-        return _fail(f"--out {args.out!r} exists; it is never overwritten: choose another path")
-    if args.history is not None and os.path.exists(args.history):
-        return _fail(f"--history {args.history!r} exists; it is never overwritten")
     if (args.trigger is None) != (args.target is None) or (args.trigger and not args.eval_data):
-        return _fail("--trigger and --target go together, with --eval-data")
+        return _fail("--trigger, --target: given without each other or without --eval-data; "
+                     "give all three for ASR, or none")
+    if args.resume and args.state is None:
+        return _fail("--resume: needs --state, the training state to continue from; give "
+                     "--state PATH")
+    why = _check_outputs([
+        ("--out", args.out, _NEVER_OVERWRITTEN),
+        ("--state", args.state, None if args.resume else
+         "exists; pass --resume to continue from it, or choose another path"),
+        ("--history", args.history, _NEVER_OVERWRITTEN)])
+    why = why or _check_backend(args.backend, "importance_clone_loss", args.device or "cpu")
+    if why:
+        return _fail(why)
     model = _load_model(args)
     data = _call(args.data, "--data")
     eval_data = _call(args.eval_data, "--eval-data") if args.eval_data else None
@@ -129,14 +190,23 @@ def _cmd_sanitize(args) -> int:
         weight_decay=args.weight_decay, criterion=args.criterion, stats=args.stats,
         seed=args.seed, device=args.device, progress=not args.no_progress,
         checkpoint=args.state, resume=args.resume, eval_data=eval_data, trigger=trigger,
-        target=args.target)
-    from medic_fast._utils import save_atomic
-
-    if os.path.exists(args.out):
-        return _fail(f"--out {args.out!r} appeared during training; not overwritten")
-    save_atomic(result.model.state_dict(), args.out)
+        target=args.target, backend=args.backend)
+    kept = (f"the trained state is in --state {args.state!r}: run again with --resume and a "
+            "writable --out to save the clone without retraining") if args.state else \
+        "fix the path and run again"
+    if os.path.lexists(args.out):
+        return _fail(f"--out {args.out!r}: appeared during training and is never overwritten; "
+                     f"{kept}")
+    try:
+        save_atomic(result.model.state_dict(), args.out)
+    except OSError as e:
+        return _fail(f"--out {args.out!r}: cannot write it: {e.strerror or e}; {kept}")
     if args.history is not None:
-        _write_new(args.history, json.dumps(result.history, indent=2) + "\n")
+        try:
+            _write_new(args.history, json.dumps(result.history, indent=2) + "\n")
+        except OSError as e:
+            return _fail(f"--history {args.history!r}: cannot write it: {e.strerror or e}; the "
+                         f"clone is in --out {args.out!r}")
     last = result.history[-1]
     print(f"wrote {args.out} (epoch {last['epoch']}: loss {last['loss']:.4g}"
           + "".join(f", {k} {last[k]:.4f}" for k in ("acc", "asr") if k in last) + ")")
@@ -150,8 +220,11 @@ def _cmd_scan(args) -> int:
     if scan is None:
         return _fail("the CLEAR scanner (medic_fast.scan, in medic_fast/clear/) is not part of "
                      "this installation")
+    why = _check_backend(args.backend, "pocket_search", "cpu")
+    if why:
+        return _fail(why)
     report = scan(_load_model(args), _call(args.data, "--data"), threshold=args.threshold,
-                  seed=args.seed)
+                  seed=args.seed, backend=args.backend)
     print(report.to_json() if hasattr(report, "to_json") else report)
     return 0
 
@@ -182,6 +255,19 @@ def _cmd_bench(args) -> int:
 def _fail(msg: str) -> int:
     print(f"medic-fast: error: {msg}", file=sys.stderr)
     return 2
+
+
+def _backend_arg(q, op: str, what: str) -> None:
+    """``--backend``, with the ops' one vocabulary (:data:`medic_fast.ops._dispatch.BACKENDS`)."""
+    from medic_fast.ops._dispatch import BACKENDS, KERNELS
+
+    fused = " and ".join(f"{name} on {device.upper()}" for device, name in KERNELS[op].items())
+    q.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help=f"what runs {what}: auto: the fused kernel for the device, else (no C++ "
+                   "compiler, say) the plain-PyTorch reference with one warning; reference: "
+                   "plain PyTorch (same results, slower); cpp: the C++ extension (CPU); triton: "
+                   "Triton (CUDA); cuda: the extension's CUDA code. A fused kernel named runs "
+                   f"or fails before any work; {what} has {fused}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -254,6 +340,7 @@ def _parser() -> argparse.ArgumentParser:
                    "(with --trigger)")
     s.add_argument("--history", default=None, metavar="PATH.json",
                    help="also write the per-epoch history as JSON (must not exist)")
+    _backend_arg(s, "importance_clone_loss", "the importance clone loss")
     s.set_defaults(func=_cmd_sanitize)
 
     c = sub.add_parser("scan", formatter_class=fmt, help="scan for a sample-targeted backdoor "
@@ -262,6 +349,7 @@ def _parser() -> argparse.ArgumentParser:
     model_args(c)
     c.add_argument("--threshold", type=float, default=0.5, help="flag a class pair whose "
                    "pocket-finding rate exceeds this")
+    _backend_arg(c, "pocket_search", "the pocket search")
     c.set_defaults(func=_cmd_scan)
 
     b = sub.add_parser("bench", formatter_class=fmt, help="time one clone-training step",

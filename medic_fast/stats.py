@@ -60,13 +60,15 @@ class _Moments:
         self.m2 += m2 + delta.square() * (self.n * n / total)
         self.n = total
 
-    def add_batch(self, rows: Tensor, per: str) -> None:
-        """Add ``rows`` ``[R, *features]``: per channel (``features[0]``) or per neuron."""
+    def add_batch(self, rows: Tensor, per: str) -> Tensor:
+        """Add ``rows`` ``[R, *features]``: per channel (``features[0]``) or per neuron. Returns
+        whether the rows were all finite (a 0-dim bool tensor: no sync)."""
         x = rows.detach().to(torch.float64)
         dims = [d for d in range(x.dim()) if d != 1] if per == "channel" else [0]
         var, mean = torch.var_mean(x, dims, correction=0)
         n = float(x.numel() // mean.numel())
         self.merge(n, mean, var * n)
+        return torch.isfinite(var).all() | (n == 0)
 
 
 def _all_gather_moments(moments: List[_Moments]) -> None:
@@ -125,7 +127,8 @@ def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None
 
     ``count`` is the number of samples. Under an initialised ``torch.distributed`` process group
     each process reads its ``rank``-th share of the data and the result is the statistics of all
-    of it.
+    of it. A statistic that would not be finite raises ``ValueError`` naming the first sample
+    whose inputs are not (NaN or inf), or else the first layer whose output is not.
     """
     if per not in PER:
         raise ValueError(f"per must be one of {PER}, got {per!r}")
@@ -149,14 +152,57 @@ def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None
                 model(x)
                 acts = cap.outputs()
             mask = None if mask_fn is None else check_mask(mask_fn(x), x)
+            finite = []
             for name, module, mom, a in zip(names, cap.modules, moments, acts):
                 sd = rows_start_dim(module, a, start_dim)
                 rows = a.reshape(-1, *a.shape[sd:])
                 if mask is not None and mask_applies(mask, a.shape[:sd], name):
                     rows = rows[mask.reshape(-1).bool()]
-                mom.add_batch(rows, per)
+                finite.append(mom.add_batch(rows, per))
+            if not bool(torch.stack(finite).all()):
+                raise nonfinite_error(model, x, count)
             count += x.shape[0]
     return _finalize(names, moments, count, per)
+
+
+@torch.no_grad()
+def nonfinite_error(model: nn.Module, x: Tensor, offset: int, data: str = "data") -> ValueError:
+    """The error for a batch ``x`` of ``data`` (its samples ``offset``, ``offset + 1``, ...)
+    whose activations are not finite: it names the first sample with a non-finite input, else
+    the first module of ``model`` (in forward order) whose output is not finite, and on which
+    sample. Runs ``model`` (in its current mode) on ``x`` again to find that module."""
+    if x.is_floating_point() or x.is_complex():
+        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
+        if bool(bad.any()):
+            return ValueError(f"{data}: sample {offset + int(bad.nonzero()[0])} has NaN or "
+                              "infinite values; remove or repair it (clean data must be finite)")
+    found = []
+
+    def hook(name, output):
+        t = output[0] if isinstance(output, (tuple, list)) and output else output
+        if found or not isinstance(t, Tensor) or not t.is_floating_point() \
+                or bool(torch.isfinite(t).all()):
+            return
+        per_sample = t.dim() > 0 and len(t) == len(x)
+        bad = ~torch.isfinite(t.reshape(len(t), -1)).all(1) if per_sample else None
+        found.append((name, int(bad.nonzero()[0]) if per_sample else None))
+
+    handles = [m.register_forward_hook(lambda m, i, o, name=name: hook(name, o))
+               for name, m in model.named_modules() if name]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    name, i = found[0] if found else (None, None)
+    where = f"samples {offset}-{offset + len(x) - 1}" if i is None else f"sample {offset + i}"
+    if name is None:
+        return ValueError(f"{data}: the model's activations are not finite (NaN or inf) on "
+                          f"{where}, while the inputs and every submodule's output are finite; "
+                          "check the model's forward and parameters")
+    return ValueError(f"{data}: the output of layer {name!r} is not finite (NaN or inf) on "
+                      f"{where}, while the inputs are finite; check that layer's parameters "
+                      "(and the model's) for NaN or inf")
 
 
 def _finalize(names: List[str], moments: List[_Moments], count: int, per: str) -> LayerStats:

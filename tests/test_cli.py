@@ -139,3 +139,142 @@ def test_bench_command_prints_figures_and_progress(capsys):
     assert cli.main(args + ["--no-progress"]) == 0
     out, err = capsys.readouterr()
     assert "ours" in out and "x plain" in out and err == ""
+
+
+# --------------------------------------------------------------------------------------------
+# Output paths are checked before any work; --backend
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def user_files(tmp_path, monkeypatch):
+    """A user's model factory, data and weights in the cwd; the sanitize arguments for them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "usermod.py").write_text(textwrap.dedent("""
+        from medic_fast.zoo import datasets, models
+
+        def model():
+            return models.DigitsCNN((4, 8, 8))
+
+        def clean():
+            X, y = datasets.load_digits()
+            return X[:64], y[:64]
+    """))
+    torch.manual_seed(0)
+    torch.save(models.DigitsCNN((4, 8, 8)).state_dict(), tmp_path / "in.pt")
+    return ["--model", "usermod:model", "--checkpoint", "in.pt", "--data", "usermod:clean",
+            "--no-progress"]
+
+
+def _no_work(monkeypatch):
+    """Make any training or scanning fail the test."""
+    import medic_fast
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the command started working before rejecting its arguments")
+    monkeypatch.setattr(medic_fast, "sanitize", fail)
+    monkeypatch.setattr(medic_fast, "scan", fail)
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("medic-fast: error: ") and err.count("\n") == 1, err
+    assert ".tmp" not in err
+    return err
+
+
+def test_sanitize_checks_every_output_path_before_any_work(user_files, tmp_path, monkeypatch,
+                                                           capsys):
+    _no_work(monkeypatch)
+    (tmp_path / "taken.pt").write_text("mine")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.basename(p) == "ro"
+                        else real_access(p, mode, **kw))
+    missing = str(tmp_path / "nonexistent" / "dir" / "o.pt")
+    cases = [
+        (["--out", missing], f"--out {missing!r}: directory {os.path.dirname(missing)!r} "
+                             "does not exist; create it"),
+        (["--out", "adir"], "--out 'adir': is a directory; give a file path"),
+        (["--out", "taken.pt/o.pt"], "is not a directory"),
+        (["--out", "ro/o.pt"], "is not writable"),
+        (["--out", "taken.pt"], "--out 'taken.pt': exists and is never overwritten; choose"),
+        (["--out", "o.pt", "--state", "nonexistent/s.pt"], "--state 'nonexistent/s.pt': "
+                                                            "directory"),
+        (["--out", "o.pt", "--state", "taken.pt"], "--state 'taken.pt': exists; pass --resume"),
+        (["--out", "o.pt", "--resume"], "--resume: needs --state"),
+        (["--out", "o.pt", "--history", "nonexistent/h.json"], "--history 'nonexistent/h.json'"),
+        (["--out", "o.pt", "--history", "./o.pt"], "--history './o.pt': is the same file as "
+                                                    "--out 'o.pt'"),
+        (["--out", "o.pt", "--state", "s.pt", "--history", "s.pt"], "--history 's.pt': is the "
+                                                                    "same file as --state"),
+    ]
+    for extra, message in cases:
+        assert cli.main(["sanitize", *user_files, *extra]) == 2, extra
+        assert message in _error(capsys), extra
+    assert sorted(os.listdir(tmp_path)) == ["adir", "in.pt", "ro", "taken.pt", "usermod.py"]
+    assert (tmp_path / "taken.pt").read_text() == "mine"
+
+
+def test_sanitize_save_errors_name_the_flag_and_path(user_files, tmp_path, monkeypatch, capsys):
+    """--out's directory vanishes during training: one line naming --out, not a traceback about
+    a temp file."""
+    import types
+
+    import medic_fast
+
+    (tmp_path / "out").mkdir()
+
+    def sanitize(*args, **kwargs):
+        os.rmdir(tmp_path / "out")
+        return types.SimpleNamespace(model=torch.nn.Linear(1, 1),
+                                     history=[{"epoch": 1, "loss": 0.5}])
+    monkeypatch.setattr(medic_fast, "sanitize", sanitize)
+    assert cli.main(["sanitize", *user_files, "--out", "out/o.pt"]) == 2
+    assert _error(capsys).startswith("medic-fast: error: --out 'out/o.pt': cannot write it: ")
+
+
+def test_demo_checks_its_output_path_first(tmp_path, monkeypatch, capsys):
+    import medic_fast.zoo.demo
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the demo ran before rejecting --out")
+    monkeypatch.setattr(medic_fast.zoo.demo, "run_demo", fail)
+    out = str(tmp_path / "missing" / "demo.json")
+    assert cli.main(["demo", "--out", out]) == 2
+    assert f"--out {out!r}: directory" in _error(capsys)
+
+
+def test_backend_option_is_passed_through(user_files, monkeypatch, capsys):
+    import types
+
+    import medic_fast
+    from medic_fast.ops._dispatch import BACKENDS
+
+    _, subs = _subparsers()
+    for name in ("sanitize", "scan"):
+        action = next(a for a in subs[name]._actions if a.dest == "backend")
+        assert tuple(action.choices) == BACKENDS and action.default == "auto"
+        assert all(b in action.help for b in BACKENDS)
+    seen = {}
+
+    def sanitize(*args, **kwargs):
+        seen["sanitize"] = kwargs["backend"]
+        return types.SimpleNamespace(model=torch.nn.Linear(1, 1),
+                                     history=[{"epoch": 1, "loss": 0.5}])
+
+    def scan(*args, **kwargs):
+        seen["scan"] = kwargs["backend"]
+        return "report"
+    monkeypatch.setattr(medic_fast, "sanitize", sanitize)
+    monkeypatch.setattr(medic_fast, "scan", scan)
+    assert cli.main(["sanitize", *user_files, "--out", "o.pt", "--backend", "reference"]) == 0
+    assert cli.main(["scan", *user_files[:-1], "--backend", "reference"]) == 0
+    assert seen == {"sanitize": "reference", "scan": "reference"}
+    capsys.readouterr()
+    # a backend that cannot run the command's op here is refused before any work
+    _no_work(monkeypatch)
+    assert cli.main(["sanitize", *user_files, "--out", "o2.pt", "--backend", "cuda"]) == 2
+    assert "--backend 'cuda': " in _error(capsys)
+    assert cli.main(["scan", *user_files[:-1], "--backend", "triton"]) == 2
+    assert "--backend 'triton': " in _error(capsys)

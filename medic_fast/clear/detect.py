@@ -19,6 +19,7 @@ from medic_fast._utils import check_int, device_of
 from medic_fast.capture import ActivationCapture
 from medic_fast.data import labelled_batches
 from medic_fast.ops.pocket_search import pocket_search
+from medic_fast.stats import nonfinite_error
 
 __all__ = ["scan", "ScanReport", "DEFAULTS", "BOX_SLACK"]
 
@@ -85,17 +86,23 @@ class ScanReport:
 
 
 def _features(model: nn.Module, cut: str, data) -> Tuple[Tensor, Tensor, Tensor]:
-    """Features at the cut, logits and labels of every sample of ``data``."""
+    """Features at the cut, logits and labels of every sample of ``data``; all must be finite
+    (else a ``ValueError`` names the first bad sample, or the first non-finite layer)."""
     device = device_of(model)
-    phis, logits, labels = [], [], []
+    phis, logits, labels, offset = [], [], [], 0
     with ActivationCapture(model, [cut], inputs=True) as cap, torch.no_grad():
         for x, y in labelled_batches(data):
-            out = model(x.to(device))
+            x = x.to(device)
+            out = model(x)
             if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != len(x):
                 shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(f"the model must return logits [N, classes]; on a batch of "
                                  f"{len(x)} it returned {shape}")
-            phis.append(cap.outputs()[0])
+            phi = cap.outputs()[0]
+            if not bool(torch.isfinite(out).all() & torch.isfinite(phi).all()):
+                raise nonfinite_error(model, x, offset)
+            offset += len(x)
+            phis.append(phi)
             logits.append(out.float())
             labels.append(y.to(device).long())
     if not labels:

@@ -13,6 +13,7 @@ from medic_fast.capture import ActivationCapture
 from medic_fast.clear import graph
 from medic_fast.clear.detect import ScanReport
 from medic_fast.data import labelled_batches, make_loader
+from medic_fast.stats import nonfinite_error
 from medic_fast.train import fit
 
 __all__ = ["patch"]
@@ -36,7 +37,9 @@ def patch(model: nn.Module, report: ScanReport, data, *, epochs: int = 5, lr: fl
     ``epochs``) on at most ``per_class`` clean samples per class of ``data`` plus ``report``'s
     pocket samples with their source labels. Pocket samples live at ``report.cut``; they go
     through the model from there to the last Linear layer. Everything before that layer is
-    frozen, so its inputs are computed once, in eval mode."""
+    frozen, so its inputs are computed once, in eval mode. Clean samples whose inputs to that
+    layer are not finite raise ``ValueError`` naming the first (its index in ``data``) and
+    whether its inputs or a layer's output are not."""
     check_module("model", model)
     if not isinstance(report, ScanReport):
         raise TypeError("report must be the ScanReport returned by scan, got "
@@ -52,7 +55,7 @@ def patch(model: nn.Module, report: ScanReport, data, *, epochs: int = 5, lr: fl
     last = new.get_submodule(last_name)
     device = device_of(new)
     with eval_mode(new):
-        xs, ys, seen = [], [], {}
+        xs, ys, index, seen, offset = [], [], [], {}, 0
         for x, y in labelled_batches(data):
             keep = []
             for i, label in enumerate(y.tolist()):
@@ -62,9 +65,15 @@ def patch(model: nn.Module, report: ScanReport, data, *, epochs: int = 5, lr: fl
             if keep:
                 xs.append(x[keep].to(device))
                 ys.append(y[keep].long())
+                index += [offset + i for i in keep]
+            offset += len(y)
         if not xs:
             raise ValueError("data is empty")
         z = [_inputs_of(new, last_name, new, xs)]
+        bad = ~torch.isfinite(z[0].flatten(1)).all(1)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            raise nonfinite_error(new, torch.cat(xs)[j:j + 1], index[j])
         labels = [torch.cat(ys)]
         if len(report.pocket_samples):
             head = graph.split(new, report.cut)
