@@ -185,7 +185,7 @@ def _cmd_sanitize(args) -> int:
     eval_data = _call(args.eval_data, "--eval-data") if args.eval_data else None
     trigger = _resolve(args.trigger, "--trigger") if args.trigger else None
     result = mf.sanitize(
-        model, data, layers=args.layers.split(",") if args.layers else None, tau=args.tau,
+        model, data, layers=args.layers, tau=args.tau,
         lam=args.lam, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         weight_decay=args.weight_decay, criterion=args.criterion, stats=args.stats,
         seed=args.seed, device=args.device, progress=not args.no_progress,
@@ -270,6 +270,27 @@ def _backend_arg(q, op: str, what: str) -> None:
                    f"or fails before any work; {what} has {fused}")
 
 
+def _at_least(low: int):
+    """An argparse ``type``: an int >= ``low`` (argparse turns the error into a usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _names(text: str) -> List[str]:
+    """An argparse ``type``: comma-separated names, spaces around them ignored."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one module name")
+    return names
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(
@@ -280,7 +301,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", formatter_class=fmt, help="digits demo: MEDIC vs baselines",
                        description="Train a BadNets-trojaned CNN on scikit-learn's digits, then "
                        "remove the backdoor with MEDIC and compare with fine-tuning and training "
-                       "from scratch on the 10%% clean split. Prints ACC, ASR and seconds per "
+                       "from scratch on the 10% clean split. Prints ACC, ASR and seconds per "
                        "method and writes them as JSON.")
     d.add_argument("--seed", type=int, default=0, help="seed of the split, poisoning, "
                    "initialisations and data order (the results are deterministic given it)")
@@ -289,8 +310,8 @@ def _parser() -> argparse.ArgumentParser:
                    "medic-fast-demo-N.json")
     d.add_argument("--json", action="store_true", help="print the JSON on stdout instead of "
                    "writing a file (the table goes to stderr)")
-    d.add_argument("--threads", type=int, default=1, help="torch threads; the demo's models are "
-                   "tiny, so more threads only help on an idle machine")
+    d.add_argument("--threads", type=_at_least(1), default=1, help="torch threads; the demo's "
+                   "models are tiny, so more threads only help on an idle machine")
     d.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     d.set_defaults(func=_cmd_demo)
 
@@ -314,14 +335,14 @@ def _parser() -> argparse.ArgumentParser:
     model_args(s)
     s.add_argument("--out", required=True, metavar="CLONE.pt",
                    help="where to save the clone's state_dict (must not exist)")
-    s.add_argument("--layers", default=None, help="comma-separated module names to clone; "
-                   "default every conv and BatchNorm output")
+    s.add_argument("--layers", type=_names, default=None, help="comma-separated module names to "
+                   "clone; default every conv and BatchNorm output")
     s.add_argument("--tau", type=float, default=5.0, help="importance temperature (0: every "
                    "neuron weighs the same)")
     s.add_argument("--lam", type=float, default=10.0, help="weight of the clone loss next to CE")
-    s.add_argument("--epochs", type=int, default=60, help="training epochs")
+    s.add_argument("--epochs", type=_at_least(1), default=60, help="training epochs")
     s.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (cosine schedule)")
-    s.add_argument("--batch-size", type=int, default=64, help="batch size")
+    s.add_argument("--batch-size", type=_at_least(1), default=64, help="batch size")
     s.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay")
     s.add_argument("--criterion", choices=("abs", "signed"), default="abs",
                    help="activation criterion: |z| (paper eq. 2) or z (released code)")
@@ -357,10 +378,10 @@ def _parser() -> argparse.ArgumentParser:
                        "inputs: plain cross-entropy, the MEDIC step (medic_fast.Cloner), and the "
                        "released MEDIC code's way (two backward passes, input gradients, "
                        "per-layer eager loss).")
-    b.add_argument("--batch", type=int, default=64, help="batch size")
-    b.add_argument("--size", type=int, default=32, help="input height and width")
-    b.add_argument("--repeats", type=int, default=20, help="timed steps per variant")
-    b.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    b.add_argument("--batch", type=_at_least(1), default=64, help="batch size")
+    b.add_argument("--size", type=_at_least(8), default=32, help="input height and width")
+    b.add_argument("--repeats", type=_at_least(1), default=20, help="timed steps per variant")
+    b.add_argument("--warmup", type=_at_least(0), default=3, help="untimed steps per variant first")
     b.add_argument("--backend", default="auto", choices=("auto", "cpp", "reference"),
                    help="backend of the importance clone loss")
     b.add_argument("--json", action="store_true", help="print the figures as JSON")

@@ -95,6 +95,13 @@ def load_checkpoint(path, resume: bool, config: dict) -> Optional[dict]:
         return None
     path = os.fspath(path)
     if not os.path.exists(path):
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"checkpoint {path!r}: the directory {folder!r} does not "
+                                    "exist; create it first (checked before any training)")
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"checkpoint {path!r}: the directory {folder!r} is not "
+                                  "writable; choose another path (checked before any training)")
         return None
     if not resume:
         raise FileExistsError(f"checkpoint {path!r} exists; pass resume=True to continue from it, "

@@ -278,3 +278,15 @@ def test_backend_option_is_passed_through(user_files, monkeypatch, capsys):
     assert "--backend 'cuda': " in _error(capsys)
     assert cli.main(["scan", *user_files[:-1], "--backend", "triton"]) == 2
     assert "--backend 'triton': " in _error(capsys)
+
+
+def test_numeric_and_list_options_are_checked_by_the_parser(capsys):
+    """Bad values are usage errors (rc 2, one line naming the option), not tracebacks; spaces
+    around --layers names are ignored."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--repeats", "0"])
+    assert e.value.code == 2 and "--repeats: must be an integer >= 1, got 0" in \
+        capsys.readouterr().err
+    args = cli._parser().parse_args(["sanitize", "--model", "m:f", "--checkpoint", "c.pt",
+                                     "--data", "d:f", "--out", "o.pt", "--layers", "a, b ,c"])
+    assert args.layers == ["a", "b", "c"]

@@ -68,3 +68,23 @@ def test_fit_schedules_history_and_errors():
     empty = make_loader((X[:3], y[:3]), batch_size=8, drop_last=True)
     with pytest.raises(ValueError, match="no batch"):
         fit(net, empty, objective, epochs=1, lr=0.1)
+
+
+def test_checkpoint_in_a_missing_directory_fails_before_training(tmp_path):
+    """Not after the first epoch, and naming the user's path."""
+    X, y = torch.rand(16, 1, 8, 8), torch.randint(10, (16,))
+    calls = []
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            calls.append(1)
+            return self.fc(x.flatten(1))
+
+    path = tmp_path / "missing" / "state.pt"
+    with pytest.raises(FileNotFoundError, match="missing.*does not exist"):
+        mf.finetune(Net(), (X, y), epochs=1, progress=False, checkpoint=path)
+    assert not calls
