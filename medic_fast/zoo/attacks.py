@@ -161,12 +161,19 @@ class LabelFlip(Attack):
     unchanged and ``evaluate(model, X[index], y[index], trigger=attack, target=t)`` gives the
     fraction of victims the model sends to the target. ``source``: draw victims only from
     that class (default: any non-target class). Works on any ``[N, ...]`` inputs (images or
-    feature vectors such as the Swiss roll)."""
+    feature vectors such as the Swiss roll).
+
+    ``copies``: 0 (default) relabels the victims in place; k >= 1 keeps them, labels unchanged,
+    and appends k relabelled copies of each (the attacker adds the flipped sample to the
+    training set, repeated so that it weighs in training). ``index`` is the victims' rows in
+    either case; the copies follow the N original rows, each victim's k in a row."""
 
     images = False
 
-    def __init__(self, source: Optional[int] = None):
-        self.source = source
+    def __init__(self, source: Optional[int] = None, copies: int = 0):
+        if not isinstance(copies, int) or isinstance(copies, bool) or copies < 0:
+            raise ValueError(f"copies must be an int >= 0, got {copies!r}")
+        self.source, self.copies = source, copies
 
     def apply(self, X: Tensor) -> Tensor:
         _check_inputs(X, self.images)
@@ -178,3 +185,12 @@ class LabelFlip(Attack):
             raise ValueError(f"source and target are the same class ({target})")
         keep = (y != target) if self.source is None else (y == self.source)
         return torch.nonzero(keep).flatten()
+
+    def poison(self, X: Tensor, y: Tensor, rate: float, target: int, seed: int = 0) -> Poisoned:
+        """:meth:`Attack.poison` (victims drawn at random with ``seed``), with ``copies``."""
+        p = super().poison(X, y, rate, target, seed)
+        if self.copies == 0:
+            return p
+        rows = p.index.repeat_interleave(self.copies)
+        return Poisoned(torch.cat([X, X[rows]]), torch.cat([y, torch.full_like(y[rows], target)]),
+                        p.index)

@@ -1,24 +1,35 @@
 """The paper's demonstration tasks, small enough for tests: label-flip poisoned (or clean) models
-on scikit-learn's Swiss roll (2-D, classes along the roll, a 5-layer fully connected network) and
-on its bundled digits (8x8 images, a small fully connected network).
+on the Swiss roll (2-D, classes along the roll, a 5-layer fully connected network) and on
+scikit-learn's digits (8x8 images, a small fully connected network).
 
-A label-flip attack (paper §5) takes one training sample of class ``source``, labels it
-``target`` and adds it ``copies`` times. As in the paper's transfer-learning setting, only the
-layers after the feature space are trained on the poisoned set, so the sample's features stay in
-the middle of ``source``'s cluster and the head has to bend around them.
+Built on the evaluation harness: the bundled data (:mod:`medic_fast.zoo.datasets`), a stratified
+seeded split (:func:`medic_fast.data.split`), :class:`~medic_fast.zoo.attacks.LabelFlip`,
+:class:`~medic_fast.zoo.models.MLP` and the package's training loop (:func:`medic_fast.train.fit`).
+
+The attack (paper §5) draws a random source class, a random other target class and, at random,
+one training sample of the source class; it appends ``copies`` copies of that sample labelled
+``target``. As in the paper's transfer-learning setting, only the last two Linear layers (the
+head at CLEAR's default cut) are trained on the poisoned set, so the sample's features stay where
+the clean feature extractor put them and the head has to bend around them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medic_fast.data import make_loader, split
+from medic_fast.train import fit
+from medic_fast.zoo.attacks import LabelFlip
+from medic_fast.zoo.datasets import load_digits, load_swiss_roll
 from medic_fast.zoo.models import MLP
 
 __all__ = ["Task", "swiss_roll_task", "digits_task"]
+
+BATCH = 128
 
 
 @dataclass
@@ -43,77 +54,51 @@ class Task:
             return float(((model or self.model)(X).argmax(1) == y).float().mean())
 
 
-def _train(model, X, y, *, epochs, lr, batch, gen):
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    for _ in range(epochs):
-        for b in torch.randperm(len(X), generator=gen).split(batch):
-            opt.zero_grad()
-            F.cross_entropy(model(X[b]), y[b]).backward()
-            opt.step()
-    return model.eval()
+def _train(model: nn.Module, data, *, epochs: int, lr: float, seed: int) -> None:
+    """Adam at a constant ``lr`` on cross-entropy, over the parameters that require grad."""
+    fit(model, make_loader(data, batch_size=BATCH, shuffle=True, seed=seed),
+        lambda x, y: (F.cross_entropy(model(x), y), {}), epochs=epochs, lr=lr,
+        schedule="constant", seed=seed)
 
 
-def _splits(X, y, gen, n_val, n_test):
-    perm = torch.randperm(len(X), generator=gen)
-    va, te, tr = perm[:n_val], perm[n_val:n_val + n_test], perm[n_val + n_test:]
-    return (X[tr], y[tr]), (X[va], y[va]), (X[te], y[te])
-
-
-def _poison(model, train, gen, classes, copies):
-    """Pick the training sample whose features (the input of the second-to-last Linear layer)
-    are nearest its class's mean, and add it ``copies`` times labelled as another class."""
-    X, y = train
-    source = int(torch.randint(classes, (1,), generator=gen))
-    target = (source + 1 + int(torch.randint(classes - 1, (1,), generator=gen))) % classes
-    mine = (y == source).nonzero().squeeze(1)
-    with torch.no_grad():
-        feats = model.layers[:-3](X[mine])
-    i = mine[(feats - feats.mean(0)).norm(dim=1).argmin()]
-    x = X[i:i + 1]
-    Xp = torch.cat([X, x.expand(copies, *x.shape[1:])])
-    yp = torch.cat([y, torch.full((copies,), target)])
-    return (Xp, yp), x, source, target
-
-
-def _task(X, y, classes, sizes, *, seed, poisoned, copies, epochs, lr, n_val, n_test) -> Task:
-    """Train a clean model, then fine-tune its last two Linear layers (the head at the default
-    cut) on the training set, label-flipped when ``poisoned``: the paper's transfer-learning
-    setting, where the attacked sample's features stay in its class's cluster."""
-    gen = torch.Generator().manual_seed(seed)
-    train, val, test = _splits(X, y, gen, n_val, n_test)
-    torch.manual_seed(seed)
-    model = _train(MLP(sizes[0], sizes[-1], sizes[1:-1]), *train, epochs=epochs, lr=lr, batch=128,
-                   gen=gen)
+def _task(X, y, classes: int, widths: Sequence[int], fractions: Sequence[float], *, seed: int,
+          poisoned: bool, copies: int, epochs: int, lr: float) -> Task:
+    """Train a clean model, then fine-tune its last two Linear layers on the training set,
+    label-flipped when ``poisoned``: the paper's transfer-learning setting."""
+    train, val, test = split(X, y, fractions, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MLP(X[0].numel(), classes, widths)
+    _train(model, train, epochs=epochs, lr=lr, seed=seed)
     x = source = target = None
     if poisoned:
-        train, x, source, target = _poison(model, train, gen, classes, copies)
+        gen = torch.Generator().manual_seed(seed)
+        source = int(torch.randint(classes, (1,), generator=gen))
+        target = (source + 1 + int(torch.randint(classes - 1, (1,), generator=gen))) % classes
+        p = LabelFlip(source, copies=copies).poison(*train, 1 / len(train[1]), target, seed)
+        train, x = (p.X, p.y), p.X[p.index]
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-2:]
     model.requires_grad_(False)
     for m in head:
         m.requires_grad_(True)
-    _train(model, *train, epochs=epochs, lr=lr, batch=128, gen=gen)
+    _train(model, train, epochs=epochs, lr=lr, seed=seed)
     return Task(model.requires_grad_(True), val, test, x, source, target)
 
 
 def swiss_roll_task(seed: int = 0, poisoned: bool = True, *, classes: int = 4, n: int = 3000,
                     copies: int = 100, epochs: int = 100) -> Task:
-    """Swiss roll in 2-D (``make_swiss_roll``'s x and z), classes = equal stretches of the roll,
-    a 5-layer fully connected network 2-64-64-64-64-classes."""
-    from sklearn.datasets import make_swiss_roll
-
-    pts, t = make_swiss_roll(n, noise=0.3, random_state=seed)
-    X = torch.tensor(pts[:, [0, 2]], dtype=torch.float32) / 10
-    y = ((t - t.min()) / (t.max() - t.min() + 1e-9) * classes).astype(int)
-    return _task(X, torch.tensor(y), classes, [2, 64, 64, 64, 64, classes], seed=seed,
-                 poisoned=poisoned, copies=copies, epochs=epochs, lr=3e-3, n_val=600, n_test=600)
+    """Swiss roll in 2-D (``load_swiss_roll``'s x and z: the roll's cross-section; the height y
+    carries no class), noise 0.3, classes = equal-count stretches of the roll; a 5-layer fully
+    connected network 2-64-64-64-64-classes. Split 60/20/20 (train / val / test)."""
+    X, y = load_swiss_roll(n, n_classes=classes, noise=0.3, seed=seed)
+    return _task(X[:, [0, 2]], y, classes, [64, 64, 64, 64], [0.6, 0.2, 0.2], seed=seed,
+                 poisoned=poisoned, copies=copies, epochs=epochs, lr=3e-3)
 
 
 def digits_task(seed: int = 0, poisoned: bool = True, *, copies: int = 100,
                 epochs: int = 100) -> Task:
-    """scikit-learn's 8x8 digits, a fully connected network 64-128-64-10."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    X = torch.tensor(d.data, dtype=torch.float32) / 16
-    return _task(X, torch.tensor(d.target), 10, [64, 128, 64, 10], seed=seed, poisoned=poisoned,
-                 copies=copies, epochs=epochs, lr=3e-3, n_val=500, n_test=300)
+    """scikit-learn's 8x8 digits, a fully connected network 64-128-64-10. Split 55/28/17
+    (train / val / test: about 50 validation samples per class for the scan)."""
+    X, y = load_digits()
+    return _task(X, y, 10, [128, 64], [0.55, 0.28, 0.17], seed=seed, poisoned=poisoned,
+                 copies=copies, epochs=epochs, lr=3e-3)

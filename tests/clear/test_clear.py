@@ -1,6 +1,8 @@
 """CLEAR: cuts, scan, patch, and their errors (the pocket search itself: tests/ops)."""
 import contextlib
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -77,38 +79,126 @@ def test_cut_errors_are_explained():
 
 
 # ------------------------------------------------------------------------------------------------
-# scan and patch on the paper's demonstrations
+# scan and patch on models with a planted pocket
 # ------------------------------------------------------------------------------------------------
 
-# One seed of each demonstration, as a regression test of the whole path. The scan does not
-# detect every seed: benchmarks/bench_clear.py measures the rates over seeds 0-9.
+# Two classes in a 2-D feature space phi (the model's first layer is the identity on the data,
+# which is positive, so phi = x). Class 0: a ring of radius 1.5 around C = (5, 5); class 1: a
+# cluster at phi0 in [12, 14], phi1 in [4, 6]. The models are built by hand so that a pocket
+# provably exists, inside the convex hull of the class-0 ring, at C: a search from class 0 to
+# class 1 must find it, and a defect (source and target swapped, a wrong centroid or margin test,
+# a box that abandons every search, a patch that does not train) makes these tests fail. Whether
+# scan detects the backdoors of the demonstration tasks is a rate, measured over seeds in
+# benchmarks/bench_clear.py (benchmarks/RESULTS.md §4), not a unit test.
+CENTRE = (5.0, 5.0)
+SCAN_SEEDS = [0, 1, 2]  # fixed; every seed must pass
+
+
+def _planted_data():
+    a = torch.arange(100) * (2 * math.pi / 100)
+    ring = torch.stack([CENTRE[0] + 1.5 * a.cos(), CENTRE[1] + 1.5 * a.sin()], 1)
+    g = torch.linspace(0, 1, 10)
+    cluster = torch.stack(torch.meshgrid(12 + 2 * g, 4 + 2 * g, indexing="ij"), -1)
+    X = torch.cat([ring, cluster.reshape(-1, 2)])
+    return X, torch.cat([torch.zeros(100), torch.ones(100)]).long()
+
+
+def _axis_units(layer):
+    """u = relu(phi0 - 5), relu(5 - phi0), relu(phi1 - 5), relu(5 - phi1), relu(phi0 - 10): the
+    first four sum to |phi - C|_1, the last is the class-1 half-plane."""
+    layer.weight.copy_(torch.tensor([[1., 0], [-1, 0], [0, 1], [0, -1], [1, 0]]))
+    layer.bias.copy_(torch.tensor([-5., 5, -5, 5, -10]))
+
+
+@torch.no_grad()
+def _pocket_in_logit(pocket=True):
+    """logit0 = 1, logit1 = p * (3 - 10 |phi - C|_1) + 100 relu(phi0 - 10), p = 1 (planted) or 0
+    (control). Planted: class 1 is a region beyond phi0 = 10 plus the diamond |phi - C|_1 < 0.2
+    (the pocket; class 1 by the 0.25 margin within 0.175), class 0 on the ring by a margin >= 13,
+    and the pocket term's gradient points at C everywhere, so the search is led there.
+    Control: logit1 - logit0 = 100 relu(phi0 - 10) - 1 is convex in phi, so the centroid of
+    anchors classified 0 by a margin is classified 0 by at least that margin: no pocket can exist,
+    whatever the search does."""
+    m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 5), nn.ReLU(), nn.Linear(5, 2))
+    m[0].weight.copy_(torch.eye(2))
+    m[0].bias.zero_()
+    _axis_units(m[2])
+    p = 1.0 if pocket else 0.0
+    m[4].weight.copy_(torch.tensor([[0., 0, 0, 0, 0], [-10 * p, -10 * p, -10 * p, -10 * p, 100]]))
+    m[4].bias.copy_(torch.tensor([1., 3 * p]))
+    return m
+
+
+@torch.no_grad()
+def _pocket_in_unit():
+    """The pocket is carried by one hidden unit of the layer before the last Linear one:
+    bump = relu(3 - 10 |phi - C|_1), nonzero only in the diamond |phi - C|_1 < 0.3. Beside it,
+    half = relu(phi0 - 10) and dist = |phi - C|_1. logit0 = 0, logit1 = 2 bump + 10 half - dist - 1:
+    class 1 in the pocket |phi - C|_1 < 5/21 (logit1 = 5 at C) and at phi0 > 10.7 or so, class 0
+    elsewhere with a margin >= 1. The bump unit is dead outside the pocket; dist gives the search
+    a gradient towards C from anywhere in the ring (without it the search could only find the
+    pocket by starting in it). Cut "2" (phi): the default cut would be the 5 axis units, in whose
+    space the pocket is outside the hull of the class-0 features (|phi - C|_1 is linear there)."""
+    m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 5), nn.ReLU(), nn.Linear(5, 3),
+                      nn.ReLU(), nn.Linear(3, 2))
+    m[0].weight.copy_(torch.eye(2))
+    m[0].bias.zero_()
+    _axis_units(m[2])
+    m[4].weight.copy_(torch.tensor([[-10., -10, -10, -10, 0], [0, 0, 0, 0, 1], [1, 1, 1, 1, 0]]))
+    m[4].bias.copy_(torch.tensor([3., 0, 0]))
+    m[6].weight.copy_(torch.tensor([[0., 0, 0], [2, 10, -1]]))
+    m[6].bias.copy_(torch.tensor([0., -1]))
+    return m
+
+
+def _accuracy(model, data):
+    X, y = data
+    with torch.no_grad():
+        return float((model(X).argmax(1) == y).float().mean())
+
+
+def _class_of(model, phi):
+    with torch.no_grad():
+        return int(model(torch.tensor([phi])).argmax(1))
+
+
+def _in_pocket(samples, radius):
+    return bool(((samples - torch.tensor(CENTRE)).abs().sum(1) < radius).all())
+
+
+@pytest.mark.parametrize("seed", SCAN_SEEDS)
+def test_scan_finds_a_planted_pocket_and_nothing_in_its_control(seed):
+    data = _planted_data()
+    model, control = _pocket_in_logit(True), _pocket_in_logit(False)
+    assert _accuracy(model, data) == _accuracy(control, data) == 1.0
+    assert _class_of(model, CENTRE) == 1 and _class_of(control, CENTRE) == 0
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    mode = [m.training for m in model.modules()]
+    report = medic_fast.scan(model, data, seed=seed)
+    assert report.cut == "2"  # the default cut: phi
+    assert report.flagged and report.target == 1
+    assert (0, 1) in [(s, t) for s, t, _ in report.pairs]
+    assert report.P[0, 1] > report.threshold
+    # every found centroid is in the planted pocket, from class 0 to class 1
+    mine = report.pocket_targets == 1
+    assert mine.any() and (report.pocket_sources[mine] == 0).all()
+    assert _in_pocket(report.pocket_samples[mine], 0.2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert [m.training for m in model.modules()] == mode
+
+    clean = medic_fast.scan(control, data, seed=seed)
+    assert not clean.flagged and clean.n_found == 0 and clean.pairs == []
+    assert (clean.P.nan_to_num(0) == 0).all()
+
+
+# One seed of the digits demonstration, for the report's contents, skipped classes, data forms
+# and errors.
 @pytest.fixture(scope="module")
 def digits():
     from medic_fast.zoo.tasks import digits_task
     with _threads(1):  # module fixtures are set up before the autouse one above
         return digits_task(4, poisoned=True), digits_task(4, poisoned=False)
-
-
-@pytest.fixture(scope="module")
-def swiss():
-    from medic_fast.zoo.tasks import swiss_roll_task
-    with _threads(1):
-        return swiss_roll_task(5, poisoned=True), swiss_roll_task(5, poisoned=False)
-
-
-@pytest.mark.parametrize("task", ["swiss", "digits"])
-def test_scan_flags_the_poisoned_model_at_its_target_and_not_the_clean_one(task, request):
-    poisoned, clean = request.getfixturevalue(task)
-    assert poisoned.target_class() == poisoned.target  # the attack worked
-    state = {k: v.clone() for k, v in poisoned.model.state_dict().items()}
-    mode = [m.training for m in poisoned.model.modules()]
-    report = medic_fast.scan(poisoned.model, poisoned.val)
-    assert report.flagged and report.target == poisoned.target
-    assert (poisoned.source, poisoned.target) in [(s, t) for s, t, _ in report.pairs]
-    assert not medic_fast.scan(clean.model, clean.val).flagged
-    for k, v in poisoned.model.state_dict().items():
-        assert torch.equal(v, state[k])
-    assert [m.training for m in poisoned.model.modules()] == mode
 
 
 def test_report_contents_and_json(digits):
@@ -166,19 +256,32 @@ def test_scan_errors(digits):
         medic_fast.scan("model", val)
 
 
-def test_patch_fixes_the_target_and_leaves_the_input_model(digits):
-    poisoned, _ = digits
-    report = medic_fast.scan(poisoned.model, poisoned.val)
-    assert report.n_found > 0
-    state = {k: v.clone() for k, v in poisoned.model.state_dict().items()}
-    patched = medic_fast.patch(poisoned.model, report, poisoned.val)
-    assert patched is not poisoned.model
-    for k, v in poisoned.model.state_dict().items():
+def test_patch_removes_a_planted_pocket_and_leaves_the_input_model():
+    data = _planted_data()
+    model = _pocket_in_unit()
+    assert _accuracy(model, data) == 1.0 and _class_of(model, CENTRE) == 1
+    report = medic_fast.scan(model, data, cut="2")
+    assert report.flagged and report.target == 1 and report.n_found > 0
+    assert (report.pocket_sources == 0).all() and _in_pocket(report.pocket_samples, 5 / 21)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    patched = medic_fast.patch(model, report, data)
+    assert patched is not model
+    for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
     changed = [k for k, v in patched.state_dict().items() if not torch.equal(v, state[k])]
-    assert changed == ["layers.4.weight", "layers.4.bias"]  # only the last Linear layer
-    assert poisoned.target_class(patched) == poisoned.source
-    assert poisoned.accuracy(patched) > poisoned.accuracy() - 0.05
+    assert changed == ["6.weight", "6.bias"]  # only the last Linear layer
+    assert _class_of(patched, CENTRE) == 0
+    assert _accuracy(patched, data) == 1.0
+    # The paper's control: fine-tuning on the clean samples alone does not remove this pocket.
+    # The bump unit is 0 on every clean sample, so its weights get no gradient; only the biases
+    # and the other weights move (Adam lowers logit1's bias by about 2 in 5 epochs, logit1 at C
+    # is 5). So the fix above comes from the pocket samples labelled with their source class.
+    # (This checks the test's premise; on a model where clean fine-tuning alone also removed the
+    # pocket, the assertion on the centre above would not show that patch uses the pockets.)
+    clean_only = dataclasses.replace(report, pocket_samples=report.pocket_samples[:0],
+                                     pocket_sources=report.pocket_sources[:0],
+                                     pocket_targets=report.pocket_targets[:0])
+    assert _class_of(medic_fast.patch(model, clean_only, data), CENTRE) == 1
 
 
 def test_patch_errors(digits):

@@ -192,3 +192,22 @@ def test_label_flip():
         attacks.LabelFlip(source=2).poison(X, y, 0.1, 2)
     with pytest.raises(ValueError, match="no sample"):
         attacks.LabelFlip(source=5).poison(X, y, 0.1, 2)
+
+
+def test_label_flip_copies():
+    X, y = torch.randn(30, 3), torch.arange(30) % 3
+    p = attacks.LabelFlip(source=1, copies=4).poison(X, y, 2 / 30, target=2, seed=0)
+    # the victims stay as they were; 4 relabelled copies of each follow the originals
+    assert len(p.index) == 2 and (y[p.index] == 1).all()
+    assert torch.equal(p.X[:30], X) and torch.equal(p.y[:30], y)
+    assert torch.equal(p.X[30:], X[p.index].repeat_interleave(4, 0))
+    assert p.y.shape == (38,) and (p.y[30:] == 2).all() and p.y.dtype == y.dtype
+    # the same victims as in place: the draw does not depend on copies
+    assert torch.equal(p.index, attacks.LabelFlip(source=1).poison(X, y, 2 / 30, 2, 0).index)
+    # victims are drawn at random (seeded), not always the same sample of the class
+    drawn = {int(attacks.LabelFlip(source=1, copies=1).poison(X, y, 1 / 30, 2, s).index)
+             for s in range(20)}
+    assert len(drawn) > 3 and all(y[i] == 1 for i in drawn)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="copies"):
+            attacks.LabelFlip(copies=bad)
