@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from medic_fast.clear import graph
 from medic_fast._utils import check_int, device_of
 from medic_fast.capture import ActivationCapture
-from medic_fast.data import labelled_batches
+from medic_fast.data import labelled_batches, make_loader
 from medic_fast.ops.pocket_search import pocket_search
 from medic_fast.stats import nonfinite_error
 
@@ -85,13 +86,23 @@ class ScanReport:
                 f"{sorted(self.skipped)}; cut={self.cut!r}; {self.timing['total']:.2f} s)")
 
 
-def _features(model: nn.Module, cut: str, data) -> Tuple[Tensor, Tensor, Tensor]:
+def _features(model: nn.Module, cut: str, data,
+              progress: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Features at the cut, logits and labels of every sample of ``data``; all must be finite
-    (else a ``ValueError`` names the first bad sample, or the first non-finite layer)."""
+    (else a ``ValueError`` names the first bad sample, or the first non-finite layer).
+    ``progress``: a tqdm bar over the batches on stderr."""
+    from tqdm.auto import tqdm
+
     device = device_of(model)
+    loader = make_loader(data, batch_size=256)
+    try:
+        total = len(loader)
+    except TypeError:  # an iterable dataset without a length
+        total = None
     phis, logits, labels, offset = [], [], [], 0
-    with ActivationCapture(model, [cut], inputs=True) as cap, torch.no_grad():
-        for x, y in labelled_batches(data):
+    with (ActivationCapture(model, [cut], inputs=True) as cap, torch.no_grad(),
+          tqdm(total=total, desc="scan: features", unit="batch", disable=not progress) as bar):
+        for x, y in labelled_batches(loader):
             x = x.to(device)
             out = model(x)
             if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != len(x):
@@ -105,6 +116,7 @@ def _features(model: nn.Module, cut: str, data) -> Tuple[Tensor, Tensor, Tensor]
             phis.append(phi)
             logits.append(out.float())
             labels.append(y.to(device).long())
+            bar.update()
     if not labels:
         raise ValueError("data is empty")
     return torch.cat(phis), torch.cat(logits), torch.cat(labels)
@@ -113,13 +125,14 @@ def _features(model: nn.Module, cut: str, data) -> Tuple[Tensor, Tensor, Tensor]
 def scan(model: nn.Module, data, *, cut: Optional[str] = None, n: int = 50, k: int = 5,
          restarts: int = 10, alpha: float = DEFAULTS["alpha"], steps: int = DEFAULTS["steps"],
          lr_scale: float = 1e-3, margin: float = DEFAULTS["margin"], threshold: float = 0.5,
-         seed: int = 0, backend: str = "auto") -> ScanReport:
+         seed: int = 0, backend: str = "auto", progress: bool = False) -> ScanReport:
     """Scan ``model`` for a sample-targeted backdoor with CLEAR, using clean ``data`` (a
     ``Dataset``, a ``DataLoader`` or an ``(X, y)`` pair). The model is not modified.
 
     cut: name of the module whose input is the feature space (default: DESIGN.md §2). n: clean
     samples per class to start from; k: anchors per search; restarts: searches per class pair.
     lr = lr_scale * (max - min of the clean features). A pair with P > threshold flags the model.
+    progress: show on stderr the feature pass (a bar over batches), then the search.
     """
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -144,7 +157,7 @@ def scan(model: nn.Module, data, *, cut: Optional[str] = None, n: int = 50, k: i
             "so a convex combination of points of one class can never be classified as another "
             "and no pocket can exist there. Choose a cut with a nonlinearity (e.g. ReLU) after "
             "it, such as the input of the second-to-last Linear layer")
-    phi, logits, y = _features(m, cut, data)
+    phi, logits, y = _features(m, cut, data, progress)
     classes = logits.shape[1]
     if int(y.min()) < 0 or int(y.max()) >= classes:
         raise ValueError(f"data has labels outside [0, {classes}), the model's classes")
@@ -185,10 +198,12 @@ def scan(model: nn.Module, data, *, cut: Optional[str] = None, n: int = 50, k: i
     used = "none"
     if anchors:
         source, target = torch.cat(source), torch.cat(target)
+        if progress:
+            print(f"scan: {len(source)} searches = {len(anchors) * (classes - 1)} class pairs x "
+                  f"{restarts} restarts", file=sys.stderr)
         res = pocket_search(torch.cat(anchors), head, source.to(phi.device), target.to(phi.device),
                             alpha=alpha, lr=lr, steps=steps, lo=lo - slack, hi=hi + slack,
-                            margin=margin,
-                            backend=backend)
+                            margin=margin, backend=backend, progress=progress)
         found = res.found.cpu()
         counts = torch.zeros(classes * classes).index_add_(
             0, source * classes + target, found.float()).view(classes, classes)

@@ -19,7 +19,10 @@ rest of each step. They take float32 features; ``"auto"`` runs other dtypes on t
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+import time
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -176,38 +179,67 @@ def _validate(anchors, head, source, target, alpha, lr, steps, lo, hi, margin, b
 
 def pocket_search(anchors: Tensor, head: nn.Module, source: Tensor, target: Tensor, *,
                   alpha: float, lr: float, steps: int, lo: float, hi: float, margin: float,
-                  backend: str = "auto") -> PocketResult:
+                  backend: str = "auto", progress: bool = False) -> PocketResult:
     """Run ``Q`` pocket searches as one batch; see the module docstring for the exact rules.
 
     anchors: ``[Q, k, *features]`` starting anchors (not modified). head: module mapping
     ``[N, *features]`` to logits ``[N, C]``, in eval mode (not modified). source, target:
     ``[Q]`` classes. alpha: compactness weight; lr: SGD step; steps: SGD steps at most;
     lo, hi: the box the centroid must stay in; margin: how far the winning logit must lead.
+    progress: on stderr, a bar over the steps with the number of problems still active, or,
+    when the extension runs the whole search, a line before it and one after.
     """
     alpha, lr, steps, lo, hi, margin = _validate(anchors, head, source, target, alpha, lr,
                                                  steps, lo, hi, margin, backend)
     unsupported = ("" if anchors.dtype == torch.float32 else
                    f"its fused kernels take float32 anchors, these are {anchors.dtype}")
     backend = _dispatch.resolve("pocket_search", backend, anchors.device, unsupported=unsupported)
-    args = (anchors.detach(), head, source.long(), target.long(), alpha, lr, steps, lo, hi, margin)
-    run = reference.pocket_search if backend == "reference" else _fused_search
-    out, status, stop = run(*args)
+    anchors, source, target = anchors.detach(), source.long(), target.long()
+    settings = (alpha, lr, steps, lo, hi, margin)
+    mlp = None if backend == "reference" else _whole_search_layers(anchors, head)
+    if mlp is not None:
+        if progress:
+            print(f"pocket search: {len(anchors)} problems, up to {steps} steps, all inside the "
+                  f"extension ({backend}) ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        out, status, stop = torch.ops.medic_fast.pocket_search_mlp(
+            anchors.contiguous(), *mlp, source, target, *settings)
+        if progress:
+            print(f"pocket search: done in {time.perf_counter() - t0:.1f} s, "
+                  f"{int((status == FOUND).sum())} found", file=sys.stderr)
+    else:
+        run = reference.pocket_search if backend == "reference" else _fused_steps
+        with _step_bar(progress, steps) as on_step:
+            out, status, stop = run(anchors, head, source, target, *settings, on_step)
     return PocketResult(out, status == FOUND, status == ABANDONED, stop, backend)
 
 
-def _fused_search(anchors, head, source, target, alpha, lr, steps, lo, hi, margin):
-    """The extension's kernels: the whole search for Linear/ReLU heads, else step by step."""
-    ops = torch.ops.medic_fast
+@contextlib.contextmanager
+def _step_bar(progress: bool, steps: int):
+    """Yields None, or (with ``progress``) an ``on_step(s, active)`` that moves a tqdm bar."""
+    if not progress:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=steps + 1, desc="pocket search", unit="step") as bar:
+        def on_step(s: int, active: int) -> None:
+            bar.set_postfix(active=active, refresh=False)
+            bar.update()
+        yield on_step
+
+
+def _whole_search_layers(anchors: Tensor, head: nn.Module):
+    """:func:`mlp_layers` of ``head`` when the extension can run the whole search, else None."""
     mlp = mlp_layers(head) if anchors.dim() == 3 else None
     if mlp is not None and all(w.dtype == torch.float32 for w in mlp[0] + mlp[1]):
-        weights, biases, relu = mlp
-        return ops.pocket_search_mlp(anchors.contiguous(), weights, biases, relu, source, target,
-                                     alpha, lr, steps, lo, hi, margin)
-    return _fused_steps(anchors, head, source, target, alpha, lr, steps, lo, hi, margin)
+        return mlp
+    return None
 
 
-def _fused_steps(anchors, head, source, target, alpha, lr, steps, lo, hi, margin):
-    """Any head: PyTorch runs its forward and input gradient, the extension the rest."""
+def _fused_steps(anchors, head, source, target, alpha, lr, steps, lo, hi, margin, on_step=None):
+    """Any head: PyTorch runs its forward and input gradient, the extension the rest.
+    ``on_step(s, active)``, if given, is called after every step."""
     ops = torch.ops.medic_fast
     q, k, feat = anchors.shape[0], anchors.shape[1], anchors.shape[2:]
     flat = anchors.reshape(q, k, -1)
@@ -227,6 +259,8 @@ def _fused_steps(anchors, head, source, target, alpha, lr, steps, lo, hi, margin
             (grads,) = torch.autograd.grad(z, x, dz.to(z.dtype))
             grads = grads.view_as(rows)
         rows, idx = ops.pocket_step_update(rows, grads, st, idx, out, status, stop, s, alpha, lr)
+        if on_step is not None:
+            on_step(s, len(idx))
         if len(idx) == 0:
             break
     return out.view_as(anchors), status, stop

@@ -7,6 +7,7 @@ clarity over speed: autograd for the gradient, SGD for the step, over the active
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +19,17 @@ ACTIVE, FOUND, ABANDONED = 0, 1, 2
 
 
 def pocket_search(anchors: Tensor, head: nn.Module, source: Tensor, target: Tensor, alpha: float,
-                  lr: float, steps: int, lo: float, hi: float,
-                  margin: float) -> tuple[Tensor, Tensor, Tensor]:
+                  lr: float, steps: int, lo: float, hi: float, margin: float,
+                  on_step: Optional[Callable[[int, int], None]] = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     """``(anchors, status, stopped_at)`` of every problem when it stopped.
 
     At every step ``s = 0..steps`` the current anchors are tested first: a problem whose centroid
     left ``[lo, hi]`` is abandoned, one whose anchors are all classified ``source`` and centroid
     ``target`` (each by more than ``margin``) is found; either way it stops at ``s``. Otherwise,
     for ``s < steps``, it takes one SGD step on ``L = (1/k) sum_j CE(head(P_j), ls)
-    + CE(head(c), lt) + (alpha/k) sum_j ||P_j - c||^2``.
+    + CE(head(c), lt) + (alpha/k) sum_j ||P_j - c||^2``. ``on_step(s, active)``, if given, is
+    called after every step with the number of problems still running.
     """
     q, k = anchors.shape[:2]
     P = anchors.clone()
@@ -57,6 +60,8 @@ def pocket_search(anchors: Tensor, head: nn.Module, source: Tensor, target: Tens
                 (grad,) = torch.autograd.grad(loss, x)
                 P[active[~leaving]] = (x - lr * grad)[~leaving]
             active = active[~leaving]
+        if on_step is not None:
+            on_step(s, len(active))
         if len(active) == 0:
             break
     return P, status, stop

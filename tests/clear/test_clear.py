@@ -291,3 +291,72 @@ def test_patch_errors(digits):
     report = medic_fast.scan(poisoned.model, poisoned.val, restarts=1, steps=1)
     with pytest.raises(ValueError, match="epochs"):
         medic_fast.patch(poisoned.model, report, poisoned.val, epochs=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress on stderr
+# ------------------------------------------------------------------------------------------------
+
+def _has_extension():
+    from medic_fast import _extension
+    try:
+        _extension.load()
+        return True
+    except _extension.ExtensionUnavailable:
+        return False
+
+
+needs_ext = pytest.mark.skipif(not _has_extension(), reason="the C++ extension did not build")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_ext)])
+def test_scan_is_quiet_by_default_and_shows_progress_on_request(backend, capsys):
+    data, model = _planted_data(), _pocket_in_logit(True)
+    quiet = medic_fast.scan(model, data, backend=backend)
+    assert capsys.readouterr() == ("", "")
+    shown = medic_fast.scan(model, data, backend=backend, progress=True)
+    out, err = capsys.readouterr()
+    assert out == "" and shown.backend == backend
+    assert "scan: features" in err and "1/1" in err  # 200 samples: one batch
+    assert "scan: 20 searches = 2 class pairs x 10 restarts" in err
+    if backend == "cpp":  # a Linear/ReLU head: the extension runs the whole search
+        assert "all inside the extension (cpp)" in err and "pocket search: done in" in err
+        assert "active=" not in err
+    else:  # the search runs in Python steps: a bar over them
+        assert "pocket search:" in err and "active=" in err and "/601" in err
+    assert torch.equal(quiet.P.nan_to_num(-1), shown.P.nan_to_num(-1))
+    assert torch.equal(quiet.pocket_samples, shown.pocket_samples)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_ext)])
+def test_stepped_searches_report_each_step_and_the_problems_still_active(backend, capsys):
+    """The Python-driven searches (the reference; the extension's steps for a head that is not
+    Linear/ReLU) call ``on_step(s, active)`` after every step; ``progress`` draws it as a bar."""
+    import importlib
+
+    from medic_fast.reference import pocket_search as reference
+    ops = importlib.import_module("medic_fast.ops.pocket_search")  # not the function it exports
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3)).eval()
+    with torch.no_grad():  # larger weights than the default init: more varied decision regions
+        for p in head.parameters():
+            p.mul_(3)
+    anchors = torch.randn(40, 4, 2)
+    source = torch.randint(3, (40,))
+    target = (source + 1 + torch.randint(2, (40,))) % 3
+    c = anchors.mean(1)
+    # alpha, lr, steps, lo, hi, margin: some problems are found, some abandoned, some run out
+    settings = (0.1, 0.5, 30, float(c.min()) - 0.1, float(c.max()) + 0.1, 0.0)
+    run = reference.pocket_search if backend == "reference" else ops._fused_steps
+    calls = []
+    _, status, stop = run(anchors, head, source, target, *settings,
+                          lambda s, active: calls.append((s, active)))
+    assert (status == 1).any() and (status == 2).any() and (stop == 30).any()
+    assert 0 < int(stop.min()) and int(stop.max()) == len(calls) - 1
+    assert calls == [(s, int((stop > s).sum())) for s in range(len(calls))]
+    kw = dict(zip(("alpha", "lr", "steps", "lo", "hi", "margin"), settings))
+    res = medic_fast.pocket_search(anchors, head, source, target, backend=backend, progress=True,
+                                   **kw)
+    assert torch.equal(res.stopped_at, stop) and torch.equal(res.found, status == 1)
+    err = capsys.readouterr().err
+    assert "pocket search:" in err and f"{len(calls)}/31" in err and "active=" in err
