@@ -147,19 +147,90 @@ def _call(spec: str, option: str):
     return factory()
 
 
+def _mismatch(own: dict, saved: dict) -> Optional[str]:
+    """How the ``saved`` state_dict differs from the model's ``own``: names, then shapes."""
+    def some(names):
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [f"{k}: {list(saved[k].shape)} in the file, {list(v.shape)} in the model"
+              for k, v in own.items() if torch.is_tensor(saved.get(k))
+              and saved[k].shape != v.shape]
+    parts = []
+    if missing:
+        parts.append(f"missing {some(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {some(unexpected)}")
+    if shapes:
+        parts.append(f"shape of {shapes[0]}" + (f"; {len(shapes) - 1} more shapes differ"
+                                                 if shapes[1:] else ""))
+    return "; ".join(parts) or None
+
+
 def _load_model(args):
+    """The --model architecture with the --weights loaded (one-line errors naming the flags)."""
+    from medic_fast.train import CHECKPOINT_FORMAT, read_torch_file
+
     model = _call(args.model, "--model")
     if not isinstance(model, torch.nn.Module):
         raise SystemExit(f"medic-fast: --model {args.model!r} returned {type(model).__name__}, "
                          "not an nn.Module")
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    what = f"--weights {args.weights!r}"
+    save = "give the model's state_dict, saved with torch.save(model.state_dict(), PATH)"
+    if not os.path.exists(args.weights):
+        raise _UserError(f"{what}: does not exist; {save}")
+    try:
+        state = read_torch_file(args.weights)
+    except ValueError as e:
+        raise _UserError(f"{what}: is not a readable weights file ({e}); {save}") from None
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        raise _UserError(f"{what}: is a training state written by --state, not model weights; to "
+                         f"continue that run, pass it as --state {args.weights!r} with --resume "
+                         "(and the trojaned model's weights as --weights)")
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
-    model.load_state_dict(state)
+    if not isinstance(state, dict):
+        raise _UserError(f"{what}: holds a {type(state).__name__}, not a state_dict; {save}")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as e:
+        why = _mismatch(model.state_dict(), state) or " ".join(str(e).split("\n", 1)[-1].split())
+        raise _UserError(f"{what}: does not fit --model {args.model!r} ({why}); give the weights "
+                         "of that architecture, or the --model they were saved from") from None
     return model
+
+
+def _check_resume(args) -> Optional[str]:
+    """Why --resume cannot continue from an existing --state, or None: it must be a readable
+    training state written with the same options (checked before any work)."""
+    from medic_fast.train import read_training_state
+
+    if not (args.resume and os.path.exists(args.state)):
+        return None
+    what = f"--state {args.state!r}"
+    afresh = "or another --state path without --resume to start afresh"
+    try:
+        saved = read_training_state(args.state)["config"]
+    except ValueError as e:
+        return (f"{what}: is not a readable medic_fast training state ({e}); give the --state "
+                f"file of the run to continue, {afresh}")
+    options = {k: v for k, v in vars(args).items() if k in saved and v is not None}
+    now = {"method": "medic", "augment": repr(None), **options}
+
+    def shown(v):
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    diff = []
+    for k, v in now.items():
+        if saved.get(k) != v:
+            flag = "--" + k.replace("_", "-") if k in options else k
+            diff.append(f"{flag} {shown(saved.get(k))} (now {shown(v)})")
+    if diff:
+        return (f"{what}: was written with other settings: {', '.join(diff)}; give the options "
+                f"of the run that wrote it, {afresh}")
+    return None
 
 
 def _cmd_sanitize(args) -> int:
@@ -177,6 +248,7 @@ def _cmd_sanitize(args) -> int:
         ("--state", args.state, None if args.resume else
          "exists; pass --resume to continue from it, or choose another path"),
         ("--history", args.history, _NEVER_OVERWRITTEN)])
+    why = why or _check_resume(args)
     why = why or _check_backend(args.backend, "importance_clone_loss", args.device or "cpu")
     if why:
         return _fail(why)
@@ -224,7 +296,7 @@ def _cmd_scan(args) -> int:
     if why:
         return _fail(why)
     report = scan(_load_model(args), _call(args.data, "--data"), threshold=args.threshold,
-                  seed=args.seed, backend=args.backend)
+                  seed=args.seed, backend=args.backend, progress=not args.no_progress)
     print(report.to_json() if hasattr(report, "to_json") else report)
     return 0
 
@@ -255,6 +327,24 @@ def _cmd_bench(args) -> int:
 def _fail(msg: str) -> int:
     print(f"medic-fast: error: {msg}", file=sys.stderr)
     return 2
+
+
+class _UserError(Exception):
+    """A user error found inside a command: :func:`main` prints it with :func:`_fail` (rc 2)."""
+
+
+def _interrupted(args) -> str:
+    """The line printed on Ctrl-C; for sanitize, how to continue."""
+    if args.command != "sanitize":
+        return "medic-fast: interrupted"
+    if args.state is None:
+        return ("medic-fast: interrupted; --state PATH would have allowed resuming (with "
+                "--resume) from the last completed epoch")
+    if not os.path.exists(args.state):
+        return ("medic-fast: interrupted before the first epoch completed; run the same command "
+                "again")
+    return ("medic-fast: interrupted; run the same command with --resume to continue from the "
+            f"last completed epoch, saved in --state {args.state!r}")
 
 
 def _backend_arg(q, op: str, what: str) -> None:
@@ -319,9 +409,10 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--model", required=True, metavar="PKG.MODULE:FACTORY",
                        help="callable returning the model architecture (nn.Module); the "
                        "current directory is importable")
-        q.add_argument("--checkpoint", required=True, metavar="IN.pt",
+        q.add_argument("--weights", required=True, metavar="IN.pt",
                        help="the model's weights: a state_dict, or a dict holding one under "
-                       "'state_dict' or 'model'; read only")
+                       "'state_dict' or 'model' (read only, tensors only: "
+                       "torch.load(weights_only=True)); a training state is --state's")
         q.add_argument("--data", required=True, metavar="PKG.MODULE:FACTORY",
                        help="callable returning the clean data: a Dataset, a DataLoader or an "
                        "(X, y) pair of tensors")
@@ -351,7 +442,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="torch device; default the model's (CPU)")
     s.add_argument("--state", default=None, metavar="PATH", help="training state written "
                    "atomically after every epoch, to resume an interrupted run")
-    s.add_argument("--resume", action="store_true", help="continue from --state")
+    s.add_argument("--resume", action="store_true", help="continue from --state, with the "
+                   "options of the run that wrote it (checked before any work)")
     s.add_argument("--eval-data", default=None, metavar="PKG.MODULE:FACTORY",
                    help="callable returning held-out data for per-epoch ACC")
     s.add_argument("--trigger", default=None, metavar="PKG.MODULE:NAME",
@@ -394,7 +486,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``medic-fast`` command."""
     args = _parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _UserError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print(_interrupted(args), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

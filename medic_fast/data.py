@@ -6,7 +6,7 @@ Every public function that takes ``data`` accepts a ``Dataset``, a ``DataLoader`
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Sized
 from typing import Optional, Tuple
 
 import torch
@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, TensorDataset
 
-__all__ = ["check_pair", "as_dataset", "make_loader", "labelled_batches", "set_epoch", "split",
+__all__ = ["batch_inputs", "check_pair", "check_labels", "as_dataset", "make_loader",
+           "labelled_batches", "first_batch", "unpack_batch", "set_epoch", "split",
            "RandomCropFlip"]
 
 
@@ -30,6 +31,14 @@ def check_pair(X, y, name: str) -> None:
         raise ValueError(f"{name} is empty")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"{name}: labels y must be an integer tensor, got {y.dtype}")
+
+
+def check_labels(y: Tensor, classes: int, name: str = "data") -> None:
+    """Refuse labels outside ``[0, classes)`` (it reads them: a sync for CUDA tensors)."""
+    bad = (y < 0) | (y >= classes)
+    if bool(bad.any()):
+        raise ValueError(f"{name}: labels must be in [0, {classes}) for a model with {classes} "
+                         f"classes, got label {int(y[bad][0])}")
 
 
 def as_dataset(data, name: str = "data") -> Dataset:
@@ -61,12 +70,17 @@ def make_loader(data, *, batch_size: int = 64, shuffle: bool = False, seed: int 
     * ``shard=(rank, world)``: this process's part of the data. Shuffled: ``DistributedSampler``
       (padded so every process runs the same number of steps, as DDP needs). Not shuffled: every
       ``world``-th sample from ``rank`` without padding, so statistics count each sample once.
+
+    A data set of length 0 is refused.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    dataset = as_dataset(data, name)
+    if isinstance(dataset, Sized) and len(dataset) == 0:
+        raise ValueError(f"{name} is empty: expected at least one sample, got a "
+                         f"{type(dataset).__name__} of length 0")
     if isinstance(data, DataLoader) and shard is None:
         return data
-    dataset = as_dataset(data, name)
     rank, world = shard if shard is not None else (0, 1)
     if shuffle:
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
@@ -83,13 +97,43 @@ def make_loader(data, *, batch_size: int = 64, shuffle: bool = False, seed: int 
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
 
 
+def batch_inputs(batch, name: str = "data") -> Tensor:
+    """The inputs of a batch: the batch itself when it is a tensor, else its first element
+    (for uses that need no labels, such as activation statistics)."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and len(batch) >= 1 and isinstance(batch[0], Tensor):
+        return batch[0]
+    return unpack_batch(batch, name)[0]
+
+
+def unpack_batch(batch, name: str = "data") -> Tuple[Tensor, Tensor]:
+    """The ``(inputs, labels)`` of an ``(inputs, labels, ...)`` tuple or list batch."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], torch.as_tensor(batch[1])
+    if isinstance(batch, Mapping):
+        got = f"a dict with keys {list(batch)} (dict batches are not supported)"
+    elif isinstance(batch, Tensor):
+        got = f"a Tensor of shape {tuple(batch.shape)} (inputs only)"
+    elif isinstance(batch, (tuple, list)):
+        got = f"a {type(batch).__name__} of length {len(batch)}"
+    else:
+        got = type(batch).__name__
+    raise TypeError(f"{name} must yield (inputs, labels, ...) tuple batches, got {got}")
+
+
 def labelled_batches(data, batch_size: int = 256, name: str = "data"):
     """Yield the ``(inputs, labels)`` of each batch of ``data`` (see :func:`make_loader`)."""
     for item in make_loader(data, batch_size=batch_size, name=name):
-        if not isinstance(item, (tuple, list)) or len(item) < 2:
-            raise TypeError(f"{name} must yield (inputs, labels, ...) batches, got "
-                            f"{type(item).__name__}")
-        yield item[0], torch.as_tensor(item[1])
+        yield unpack_batch(item, name)
+
+
+def first_batch(data, batch_size: int = 256, name: str = "data") -> Tuple[Tensor, Tensor]:
+    """The ``(inputs, labels)`` of the first batch of ``data``; ``data`` giving none is refused."""
+    for x, y in labelled_batches(data, batch_size, name):
+        return x, y
+    raise ValueError(f"{name} gives no batch: expected at least one, got none (empty, or fewer "
+                     "samples than one batch with drop_last)")
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

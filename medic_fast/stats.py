@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from medic_fast._utils import check_int, device_of, dist_shard, eval_mode, inner_module
 from medic_fast.capture import (ActivationCapture, check_mask, inplace_modified, mask_applies,
                                 resolve_layers, rows_start_dim)
-from medic_fast.data import make_loader
+from medic_fast.data import batch_inputs, make_loader
+from medic_fast.ops.importance_clone import check_std
 
 __all__ = ["LayerStats", "collect_stats"]
 
@@ -28,12 +29,21 @@ PER = ("channel", "neuron")
 @dataclass(frozen=True)
 class LayerStats:
     """Statistics of the hooked layers: ``mean[i]`` and population ``std[i]`` (float32) of layer
-    ``layers[i]``: 1-D ``[C]`` per channel, or the feature shape per neuron; ``count`` samples."""
+    ``layers[i]``: 1-D ``[C]`` per channel, or the feature shape per neuron; ``count`` samples.
+    A negative ``std`` is refused, a zero one warned about (once per process)."""
     layers: List[str]
     mean: List[Tensor]
     std: List[Tensor]
     per: str
     count: int
+
+    def __post_init__(self):
+        if not len(self.layers) == len(self.mean) == len(self.std):
+            raise ValueError(f"LayerStats needs one mean and one std per layer, got "
+                             f"{len(self.layers)} layers, {len(self.mean)} means and "
+                             f"{len(self.std)} stds")
+        for name, sd in zip(self.layers, self.std):
+            check_std(f"std of layer {name!r}", sd)
 
     def to(self, device) -> "LayerStats":
         """The same statistics on ``device``."""
@@ -145,7 +155,7 @@ def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None
     count = 0
     with eval_mode(model):
         for batch in loader:
-            x = batch[0].to(device)
+            x = batch_inputs(batch).to(device)
             if copy is None:
                 copy = inplace_modified(model, names, x, select)
             with ActivationCapture(model, names, select=select, copy=copy) as cap:

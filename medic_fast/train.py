@@ -10,7 +10,9 @@ alone logs and writes checkpoints). :func:`evaluate` gives clean accuracy and at
 from __future__ import annotations
 
 import os
+import re
 import time
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -18,10 +20,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from medic_fast._utils import device_of, dist_shard, eval_mode, inner_module, save_atomic
-from medic_fast.data import check_pair, make_loader, set_epoch
+from medic_fast.data import check_labels, check_pair, make_loader, set_epoch, unpack_batch
 
 __all__ = ["fit", "evaluate", "evaluate_loader", "distributed", "load_checkpoint",
-           "check_trigger", "SCHEDULES"]
+           "read_torch_file", "read_training_state", "check_trigger", "SCHEDULES"]
 
 CHECKPOINT_FORMAT = "medic_fast.train/1"
 SCHEDULES = ("cosine", "constant")
@@ -34,30 +36,36 @@ LossFn = Callable[[Tensor, Tensor], Tuple[Tensor, Dict[str, Tensor]]]
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate_loader(model: nn.Module, loader, trigger=None, target=None,
-                    device=None) -> Dict[str, Optional[float]]:
-    """:func:`evaluate` over the ``(x, y, ...)`` batches of ``loader``."""
+def evaluate_loader(model: nn.Module, loader, trigger=None, target=None, device=None, *,
+                    name: str = "eval_data") -> Dict[str, Optional[float]]:
+    """:func:`evaluate` over the ``(x, y, ...)`` batches of ``loader`` (``name`` in errors)."""
     device = device_of(model, device)
     correct = total = hits = victims = 0
     with eval_mode(model):
         for batch in loader:
-            x, y = batch[0].to(device), batch[1].to(device)
-            correct += int((model(x).argmax(1) == y).sum())
+            x, y = unpack_batch(batch, name)
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            check_labels(y, logits.shape[1], name)
+            check_trigger(trigger, target, logits.shape[1])
+            correct += int((logits.argmax(1) == y).sum())
             total += len(y)
             if trigger is not None:
                 keep = y != target
                 if keep.any():
                     hits += int((model(trigger(x[keep])).argmax(1) == target).sum())
                     victims += int(keep.sum())
+    if total == 0:
+        raise ValueError(f"{name} is empty: expected at least one batch, got none")
     if trigger is not None and victims == 0:
         raise ValueError(f"ASR needs inputs whose true label is not the target ({target}); "
                          "every label equals the target")
-    return {"acc": correct / total if total else float("nan"),
-            "asr": hits / victims if trigger is not None else None}
+    return {"acc": correct / total, "asr": hits / victims if trigger is not None else None}
 
 
-def check_trigger(trigger, target) -> None:
-    """A trigger is a callable ``X -> triggered X``, given with an int target class."""
+def check_trigger(trigger, target, classes: Optional[int] = None) -> None:
+    """A trigger is a callable ``X -> triggered X``, given with an int target class (one of the
+    model's, ``[0, classes)``, when ``classes`` is given)."""
     if trigger is None:
         return
     if not callable(trigger):
@@ -66,6 +74,8 @@ def check_trigger(trigger, target) -> None:
     if not isinstance(target, int) or isinstance(target, bool):
         raise TypeError(f"target must be the int target class when a trigger is given, got "
                         f"{target!r}")
+    if classes is not None and not 0 <= target < classes:
+        raise ValueError(f"target must be a class of the model, in [0, {classes}), got {target}")
 
 
 def evaluate(model: nn.Module, X: Tensor, y: Tensor, *, trigger: Optional[Callable] = None,
@@ -75,20 +85,63 @@ def evaluate(model: nn.Module, X: Tensor, y: Tensor, *, trigger: Optional[Callab
 
     Returns ``{"acc": ..., "asr": ...}``: ``acc`` on ``(X, y)``; ``asr`` (None without a
     trigger) is the fraction of ``trigger(X)`` classified as ``target`` among the inputs whose
-    true label is not ``target``.
+    true label is not ``target``. Labels and ``target`` must be classes of the model: in
+    ``[0, classes)``, ``classes`` the width of its logits.
     """
     check_pair(X, y, "(X, y)")
     check_trigger(trigger, target)
-    return evaluate_loader(model, make_loader((X, y), batch_size=batch_size), trigger, target)
+    return evaluate_loader(model, make_loader((X, y), batch_size=batch_size), trigger, target,
+                           name="(X, y)")
 
 
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 
+_STATE_ENTRIES = {"config": dict, "epoch": int, "model": dict, "optimizer": dict,
+                  "scheduler": dict, "history": list}
+
+
+def read_torch_file(path):
+    """``torch.load(path, weights_only=True)`` onto the CPU; a file it cannot read raises a
+    ValueError with the reason alone (not torch's advice to load it unsafely)."""
+    try:
+        with warnings.catch_warnings():  # torch warns before failing on some plain pickles
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise ValueError(e.strerror or str(e)) from None
+    except Exception as e:  # EOFError, RuntimeError, UnpicklingError, KeyError...: unreadable
+        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if pickled:
+            why = (f"it holds a pickled {pickled[1]}; only tensors and plain containers are "
+                   "loaded, for safety")
+        else:
+            why = "the file is empty" if os.path.getsize(path) == 0 else \
+                "not a torch.save file, or truncated"
+        raise ValueError(why) from None
+
+
+def read_training_state(path) -> dict:
+    """The training state :func:`fit` saved at ``path``; a file that is not one raises a
+    ValueError with the reason alone."""
+    state = read_torch_file(path)
+    if isinstance(state, dict) and state and all(map(torch.is_tensor, state.values())):
+        raise ValueError("it holds a model's state_dict, not a training state")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"no 'format': {CHECKPOINT_FORMAT!r} entry: not written by medic_fast")
+    for key, kind in _STATE_ENTRIES.items():
+        if key not in state:
+            raise ValueError(f"no {key!r} entry")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise ValueError(f"{key!r} is {type(state[key]).__name__}, expected {kind.__name__}")
+    return state
+
+
 def load_checkpoint(path, resume: bool, config: dict) -> Optional[dict]:
     """The saved state to resume from, or None to start fresh. Refuses to overwrite a file the
-    caller did not ask to resume from, and to resume a run with different settings."""
+    caller did not ask to resume from, to resume from a file that is not a readable training
+    state (the ValueError says why), and to resume a run with different settings."""
     if path is None:
         if resume:
             raise ValueError("resume=True needs checkpoint=PATH")
@@ -106,9 +159,10 @@ def load_checkpoint(path, resume: bool, config: dict) -> Optional[dict]:
     if not resume:
         raise FileExistsError(f"checkpoint {path!r} exists; pass resume=True to continue from it, "
                               "or choose another path (it is never overwritten otherwise)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path!r} is not a medic_fast training checkpoint")
+    try:
+        state = read_training_state(path)
+    except ValueError as e:
+        raise ValueError(f"{path!r} is not a readable medic_fast checkpoint ({e})") from None
     diff = {k: (state["config"].get(k), v) for k, v in config.items()
             if state["config"].get(k) != v}
     if diff:

@@ -39,7 +39,7 @@ def test_help_explains_every_option(capsys):
 def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "medic_fast.cli", "sanitize", "--help"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "--checkpoint" in r.stdout
+    assert r.returncode == 0 and "--weights" in r.stdout and "--checkpoint" not in r.stdout
     assert "never overwrites" in r.stdout.lower()
 
 
@@ -73,6 +73,7 @@ def test_demo_meets_its_targets(tmp_path, monkeypatch, capsys):
     assert rows["medic"]["acc"] >= rows["trojaned"]["acc"] - 0.03
     assert rows["finetune"]["asr"] > 0.5
     assert result["phases"]["total"] < 180 and result["threads"] == 1
+    assert list(result["phases"])[:2] == ["extension", "data"]  # built before any timed phase
     assert torch.get_num_threads() == threads  # restored
 
 
@@ -100,7 +101,7 @@ def test_sanitize_command_on_user_files(tmp_path, monkeypatch, capsys):
     weights = tmp_path / "in.pt"
     torch.save({"state_dict": models.DigitsCNN((4, 8, 8)).state_dict()}, weights)
     before = weights.read_bytes()
-    args = ["sanitize", "--model", "usermod:model", "--checkpoint", str(weights),
+    args = ["sanitize", "--model", "usermod:model", "--weights", str(weights),
             "--data", "usermod:clean", "--out", "clone.pt", "--epochs", "2", "--no-progress",
             "--eval-data", "usermod:held_out", "--trigger", "usermod:trigger", "--target", "0",
             "--history", "history.json"]
@@ -125,7 +126,7 @@ def test_scan_without_clear_gives_a_clear_message(tmp_path, monkeypatch, capsys)
 
     monkeypatch.delattr(medic_fast, "scan", raising=False)
     torch.save(models.MLP().state_dict(), tmp_path / "m.pt")
-    code = cli.main(["scan", "--model", "medic_fast.zoo.models:MLP", "--checkpoint",
+    code = cli.main(["scan", "--model", "medic_fast.zoo.models:MLP", "--weights",
                      str(tmp_path / "m.pt"), "--data", "medic_fast.data:load_swiss_roll"])
     assert code == 2 and "CLEAR scanner" in capsys.readouterr().err
 
@@ -161,7 +162,7 @@ def user_files(tmp_path, monkeypatch):
     """))
     torch.manual_seed(0)
     torch.save(models.DigitsCNN((4, 8, 8)).state_dict(), tmp_path / "in.pt")
-    return ["--model", "usermod:model", "--checkpoint", "in.pt", "--data", "usermod:clean",
+    return ["--model", "usermod:model", "--weights", "in.pt", "--data", "usermod:clean",
             "--no-progress"]
 
 
@@ -287,6 +288,155 @@ def test_numeric_and_list_options_are_checked_by_the_parser(capsys):
         cli.main(["bench", "--repeats", "0"])
     assert e.value.code == 2 and "--repeats: must be an integer >= 1, got 0" in \
         capsys.readouterr().err
-    args = cli._parser().parse_args(["sanitize", "--model", "m:f", "--checkpoint", "c.pt",
+    args = cli._parser().parse_args(["sanitize", "--model", "m:f", "--weights", "c.pt",
                                      "--data", "d:f", "--out", "o.pt", "--layers", "a, b ,c"])
     assert args.layers == ["a", "b", "c"]
+
+
+# --------------------------------------------------------------------------------------------
+# --weights and --state files that cannot be used; Ctrl-C
+# --------------------------------------------------------------------------------------------
+
+def test_weights_that_cannot_be_used_are_one_line_errors(user_files, tmp_path, monkeypatch,
+                                                         capsys):
+    """Unreadable, a pickled module, a tensor, a training state, another architecture: one line
+    naming --weights (and --model), read with weights_only=True; before any work."""
+    assert cli.main(["sanitize", *user_files, "--out", "o.pt", "--state", "s.pt", "--epochs", "1",
+                     "--backend", "reference"]) == 0
+    capsys.readouterr()
+    _no_work(monkeypatch)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(bytes(range(7, 256)) * 8)
+    torch.save(models.DigitsCNN((4, 8, 8)), tmp_path / "module.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    torch.save(models.MLP().state_dict(), tmp_path / "mlp.pt")
+    torch.save({"model": models.DigitsCNN((4, 8, 16)).state_dict()}, tmp_path / "wide.pt")
+    cases = {
+        "empty.pt": "--weights 'empty.pt': is not a readable weights file (the file is empty); "
+                    "give the model's state_dict, saved with torch.save(model.state_dict(), PATH)",
+        "random.pt": "--weights 'random.pt': is not a readable weights file (not a torch.save "
+                     "file, or truncated); give",
+        "module.pt": "(it holds a pickled medic_fast.zoo.models.DigitsCNN",
+        "tensor.pt": "--weights 'tensor.pt': holds a Tensor, not a state_dict; give",
+        "s.pt": "--weights 's.pt': is a training state written by --state, not model weights; "
+                "to continue that run, pass it as --state 's.pt' with --resume",
+        "mlp.pt": "--weights 'mlp.pt': does not fit --model 'usermod:model' (missing ",
+        "wide.pt": "--weights 'wide.pt': does not fit --model 'usermod:model' (shape of ",
+    }
+    for name, message in cases.items():
+        assert cli.main(["sanitize", *user_files, "--out", "o2.pt"]
+                        + ["--weights", name]) == 2, name
+        err = _error(capsys)
+        assert message in err and "weights_only" not in err, (name, err)
+    assert "; give the weights of that architecture, or the --model they were saved from" in err
+    assert cli.main(["scan", *user_files[:-1], "--weights", "empty.pt"]) == 2
+    assert "--weights 'empty.pt': is not a readable weights file" in _error(capsys)
+
+
+def test_resume_checks_the_state_before_any_work(user_files, tmp_path, monkeypatch, capsys):
+    """--resume from a --state that cannot be continued: one line in the command's words
+    (--state, --resume, --epochs), never resume=True or checkpoint=PATH, before any work."""
+    run = ["sanitize", *user_files, "--out", "o.pt", "--epochs", "1", "--backend", "reference"]
+    assert cli.main(run + ["--state", "s.pt"]) == 0
+    capsys.readouterr()
+    _no_work(monkeypatch)
+    os.remove("o.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    state = torch.load("s.pt", weights_only=True)
+    del state["optimizer"]
+    torch.save(state, "no-optimizer.pt")
+    cases = [
+        (["--state", "empty.pt"], "--state 'empty.pt': is not a readable medic_fast training "
+                                  "state (the file is empty); give the --state file of the run "
+                                  "to continue, or another --state path without --resume"),
+        (["--state", "no-optimizer.pt"], "(no 'optimizer' entry)"),
+        (["--state", "in.pt"], "--state 'in.pt': is not a readable medic_fast training state "
+                               "(it holds a model's state_dict, not a training state)"),
+        (["--state", "s.pt", "--epochs", "3", "--lr", "0.5"],
+         "--state 's.pt': was written with other settings: --epochs 1 (now 3), --lr 0.01 (now "
+         "0.5); give the options of the run that wrote it, or another --state path without "
+         "--resume"),
+        (["--state", "s.pt", "--layers", "features.0"], "--layers features.0,features.1,"),
+    ]
+    for extra, message in cases:
+        assert cli.main(run + ["--resume", *extra]) == 2, extra
+        err = _error(capsys)
+        assert message in err and "resume=True" not in err and "checkpoint" not in err, err
+
+
+SLOW_MODULE = """
+import os
+import time
+
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, x):
+        time.sleep(float(os.environ.get("SLOWMOD_SLEEP", "0")))
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(16, 1, 6, 6, generator=g)
+    return X, (X.mean((1, 2, 3)) > 0).long()
+"""
+
+
+@pytest.mark.faults
+def test_ctrl_c_during_sanitize_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    """SIGINT to a real `medic-fast sanitize --state` after its first epoch: one line naming
+    --resume, rc 130; the same command with --resume then continues from the saved epoch."""
+    import importlib
+    import signal
+    import time
+
+    (tmp_path / "slowmod.py").write_text(SLOW_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    torch.save(importlib.import_module("slowmod").Net().state_dict(), tmp_path / "in.pt")
+    args = ["sanitize", "--model", "slowmod:Net", "--weights", "in.pt", "--data", "slowmod:data",
+            "--out", "clone.pt", "--state", "state.pt", "--epochs", "300", "--batch-size", "16",
+            "--backend", "reference", "--no-progress"]
+    env = dict(os.environ, SLOWMOD_SLEEP="0.02", OMP_NUM_THREADS="1")
+    with subprocess.Popen([sys.executable, "-m", "medic_fast.cli", *args], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        try:
+            deadline = time.monotonic() + 120
+            while not (tmp_path / "state.pt").exists() and p.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=60)
+        finally:
+            p.kill()
+    assert p.returncode == 130, err
+    assert err == "medic-fast: interrupted; run the same command with --resume to continue from " \
+        "the last completed epoch, saved in --state 'state.pt'\n"
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)["history"]
+    assert 1 <= len(saved) < 300 and not (tmp_path / "clone.pt").exists()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(args + ["--resume", "--history", "h.json"]) == 0
+    history = json.loads((tmp_path / "h.json").read_text())
+    assert len(history) == 300 and history[:len(saved)] == saved
+
+
+def test_ctrl_c_without_state_says_state_would_allow_resuming(user_files, monkeypatch, capsys):
+    import medic_fast
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(medic_fast, "sanitize", interrupted)
+    assert cli.main(["sanitize", *user_files, "--out", "o.pt"]) == 130
+    assert capsys.readouterr().err == "medic-fast: interrupted; --state PATH would have allowed " \
+        "resuming (with --resume) from the last completed epoch\n"
+    assert cli.main(["sanitize", *user_files, "--out", "o.pt", "--state", "s.pt"]) == 130
+    assert capsys.readouterr().err == "medic-fast: interrupted before the first epoch completed; " \
+        "run the same command again\n"

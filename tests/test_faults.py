@@ -172,7 +172,7 @@ def test_sanitize_and_scan_work_without_a_compiler(tmp_path):
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "medic_fast.cli"]
     warning = "backend='auto' runs the plain-PyTorch reference"
-    r = subprocess.run(cmd + ["sanitize", "--model", "usermod:cnn", "--checkpoint", "cnn.pt",
+    r = subprocess.run(cmd + ["sanitize", "--model", "usermod:cnn", "--weights", "cnn.pt",
                               "--data", "usermod:digits", "--out", "clone.pt", "--epochs", "1",
                               "--no-progress"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -180,10 +180,95 @@ def test_sanitize_and_scan_work_without_a_compiler(tmp_path):
     assert r.stderr.count(warning) == 1 and "wrote clone.pt" in r.stdout
     models.DigitsCNN((4, 8, 8)).load_state_dict(torch.load(tmp_path / "clone.pt",
                                                            weights_only=True))
-    r = subprocess.run(cmd + ["scan", "--model", "usermod:mlp", "--checkpoint", "mlp.pt",
+    r = subprocess.run(cmd + ["scan", "--model", "usermod:mlp", "--weights", "mlp.pt",
                               "--data", "usermod:blobs"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert r.stderr.count(warning) == 1 and report["backend"] == "reference"
     assert report["n_searches"] == 20
+
+
+# --------------------------------------------------------------------------------------------
+# Corrupt training states; a writer killed while saving a large one
+# --------------------------------------------------------------------------------------------
+
+def _training_state(path, epoch=1, model=None):
+    """A training state as :func:`medic_fast.train.fit` writes it (config ``{"run": 1}``)."""
+    from medic_fast.train import CHECKPOINT_FORMAT
+
+    save_atomic({"format": CHECKPOINT_FORMAT, "config": {"run": 1}, "epoch": epoch,
+                 "model": model or {"w": torch.ones(3)}, "optimizer": {}, "scheduler": {},
+                 "history": []}, path)
+
+
+def test_load_checkpoint_says_why_a_file_is_not_a_training_state(tmp_path):
+    """Empty, random, truncated, a missing entry, a pickled module, model weights: one
+    ValueError ``<path> is not a readable medic_fast checkpoint (<reason>)``, never a bare
+    EOFError/KeyError or torch's advice to load with weights_only=False."""
+    from medic_fast.train import load_checkpoint
+
+    good = tmp_path / "good.pt"
+    _training_state(good)
+    assert load_checkpoint(good, True, {"run": 1})["epoch"] == 1
+    no_optimizer = torch.load(good, weights_only=True)
+    del no_optimizer["optimizer"]
+    bad_epoch = dict(no_optimizer, optimizer={}, epoch="1")
+    cases = {
+        "empty": (b"", "the file is empty"),
+        "random": (bytes(range(7, 256)) * 8, "not a torch.save file, or truncated"),
+        "truncated": (good.read_bytes()[:200], "not a torch.save file, or truncated"),
+        "no_optimizer": (no_optimizer, "no 'optimizer' entry"),
+        "bad_epoch": (bad_epoch, "'epoch' is str, expected int"),
+        "module": (models.MLP(), "it holds a pickled medic_fast.zoo.models.MLP"),
+        "weights": (models.MLP().state_dict(), "a model's state_dict, not a training"),
+        "list": ([1, 2], "no 'format': 'medic_fast.train/1' entry"),
+    }
+    for name, (content, reason) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)
+        with pytest.raises(ValueError) as e:
+            load_checkpoint(path, True, {"run": 1})
+        msg = str(e.value)
+        assert msg.startswith(f"{str(path)!r} is not a readable medic_fast checkpoint ("), name
+        assert reason in msg and "\n" not in msg and "weights_only" not in msg, (name, msg)
+
+
+def test_a_writer_killed_while_saving_keeps_the_previous_state_readable(tmp_path):
+    """SIGKILL while save_atomic writes a 64 MB training state: the previous state still loads
+    (for resume); the next save removes the killed writer's temp file."""
+    import time
+
+    from medic_fast.train import load_checkpoint
+
+    target = tmp_path / "state.pt"
+    script = textwrap.dedent(f"""
+        import torch
+        from medic_fast._utils import save_atomic
+        from medic_fast.train import CHECKPOINT_FORMAT
+
+        big = torch.ones(2 ** 24)
+        for epoch in range(1, 10 ** 6):
+            w = big[:3].clone() if epoch == 1 else big
+            save_atomic({{"format": CHECKPOINT_FORMAT, "config": {{"run": 1}}, "epoch": epoch,
+                         "model": {{"w": w}}, "optimizer": {{}}, "scheduler": {{}},
+                         "history": []}}, {str(target)!r})
+    """)
+    with subprocess.Popen([sys.executable, "-c", script]) as writer:
+        temp = tmp_path / f"state.pt.tmp{writer.pid}"
+        try:
+            deadline = time.monotonic() + 120
+            while writer.poll() is None and time.monotonic() < deadline and not (
+                    target.exists() and temp.exists() and temp.stat().st_size > 0):
+                time.sleep(0.01)
+        finally:
+            writer.kill()
+        assert writer.wait(timeout=60) == -9
+    assert temp.exists()  # killed mid-write
+    state = load_checkpoint(target, True, {"run": 1})
+    assert state["epoch"] >= 1 and state["model"]["w"].numel() in (3, 2 ** 24)
+    _training_state(target, epoch=99)
+    assert not temp.exists() and load_checkpoint(target, True, {"run": 1})["epoch"] == 99

@@ -1,12 +1,15 @@
 """Activation statistics: per channel and per neuron against torch on the whole data, rows by
 start_dim (a row per token for [B, T, H]), masks of padding."""
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import medic_fast as mf
+from medic_fast.ops import importance_clone
+from medic_fast.stats import LayerStats
 from medic_fast.zoo import models
 from shared import digits, double_backward_grads
 
@@ -78,3 +81,40 @@ def test_collect_stats_on_tokens_are_per_feature(per):
                          batch_size=10)
     per_position = mf.collect_stats(model, (X, y), ["hidden"], start_dim=1, batch_size=10)
     assert per_position.mean[0].shape == (5,)
+
+
+def test_layer_stats_refuse_negative_std_and_warn_once_on_zero(monkeypatch):
+    """The check a Cloner's (and sanitize's) statistics get once, at construction: not per
+    training step, and on any device."""
+    monkeypatch.setattr(importance_clone, "_zero_std_warned", False)
+    mean = [torch.zeros(3), torch.zeros(2)]
+    with pytest.raises(ValueError, match=r"^std of layer 'b' must be >= 0 \(a standard "
+                       r"deviation\), got a minimum of -0.5$"):
+        LayerStats(["a", "b"], mean, [torch.ones(3), torch.tensor([1.0, -0.5])], "channel", 4)
+    with pytest.raises(ValueError, match="one mean and one std per layer, got 2 layers, 2 means "
+                       "and 1 stds"):
+        LayerStats(["a", "b"], mean, [torch.ones(3)], "channel", 4)
+    with pytest.warns(RuntimeWarning, match=r"^std of layer 'b' is 0 at 1 of 2 entries: eps "
+                      "alone divides there"):
+        stats = LayerStats(["a", "b"], mean, [torch.ones(3), torch.tensor([1.0, 0.0])],
+                           "channel", 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats.to("cpu")  # once per process
+        LayerStats(["a"], mean[:1], [torch.zeros(3)], "channel", 4)
+
+
+def test_collect_stats_takes_input_only_batches_and_refuses_dicts():
+    """Statistics need no labels: a loader of inputs alone works; dict batches get a clear
+    error instead of KeyError: 0."""
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    model = models.MLP(3, 2, (4,))
+    X = torch.randn(20, 3)
+    ref = mf.collect_stats(model, (X, torch.zeros(20, dtype=torch.long)), ["layers.0"])
+    only_x = mf.collect_stats(model, DataLoader(X, batch_size=7), ["layers.0"])
+    torch.testing.assert_close(only_x.mean[0], ref.mean[0])
+    dicts = DataLoader([{"x": x} for x in X], batch_size=7)
+    with pytest.raises(TypeError, match="dict batches are not supported"):
+        mf.collect_stats(model, dicts, ["layers.0"])

@@ -2,10 +2,11 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import medic_fast as mf
 from medic_fast.data import make_loader
-from medic_fast.train import fit
+from medic_fast.train import evaluate_loader, fit
 from medic_fast.zoo import attacks
 
 torch.set_num_threads(1)
@@ -40,6 +41,32 @@ def test_evaluate_acc_and_asr():
         mf.evaluate(model, X[4:6], y[4:6], trigger=trig, target=7)
     with pytest.raises(ValueError, match="same N"):
         mf.evaluate(model, X, y[:3])
+
+
+def test_evaluate_refuses_labels_and_targets_outside_the_classes_and_empty_data():
+    """Labels and the target must be in [0, 10) for 10 logits (not counted wrong, nor an ASR
+    of 0); no batch is no accuracy (not NaN); batches must be (inputs, labels, ...) tuples."""
+    y = torch.tensor([0, 1, 2, 3])
+    X = torch.zeros(4, 1, 4, 4)
+    X[:, 0, 0, 0] = y / 10
+    model, trig = _Oracle(), attacks.BadNets(size=1)
+    for label in (10, -1):
+        bad = y.clone()
+        bad[2] = label
+        with pytest.raises(ValueError, match=r"\(X, y\): labels must be in \[0, 10\) for a "
+                           rf"model with 10 classes, got label {label}$"):
+            mf.evaluate(model, X, bad)
+    for target in (10, -1):
+        with pytest.raises(ValueError, match=r"target must be a class of the model, in "
+                           rf"\[0, 10\), got {target}$"):
+            mf.evaluate(model, X, y, trigger=trig, target=target)
+    empty = DataLoader(TensorDataset(X, y), batch_size=8, drop_last=True)
+    with pytest.raises(ValueError, match="eval_data is empty: expected at least one batch"):
+        evaluate_loader(model, empty)
+    dicts = DataLoader([{"x": a, "y": b} for a, b in zip(X, y)], batch_size=2)
+    with pytest.raises(TypeError, match=r"eval_data must yield \(inputs, labels, \.\.\.\) tuple "
+                       r"batches, got a dict with keys \['x', 'y'\]"):
+        evaluate_loader(model, dicts)
 
 
 def test_fit_schedules_history_and_errors():

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medic_fast._utils import check_int, check_module, check_number, device_of, dist_shard
+from medic_fast._utils import check_int, check_module, check_number, device_of, dist_shard, \
+    eval_mode
 from medic_fast.capture import inplace_modified, resolve_layers
-from medic_fast.data import make_loader
+from medic_fast.data import check_labels, first_batch, make_loader
 from medic_fast.medic.cloner import Cloner
 from medic_fast.ops.importance_clone import CRITERIA
 from medic_fast.stats import PER, LayerStats, collect_stats
@@ -70,7 +71,7 @@ def _reinitialised(model: nn.Module, factory: Optional[Callable[[], nn.Module]],
     return fresh
 
 
-def _check_common(epochs, lr, batch_size, weight_decay, seed, trigger, target) -> None:
+def _check_common(epochs, lr, batch_size, weight_decay, seed, trigger, target, eval_data) -> None:
     check_int("epochs", epochs)
     check_int("batch_size", batch_size)
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -78,6 +79,16 @@ def _check_common(epochs, lr, batch_size, weight_decay, seed, trigger, target) -
     check_number("lr", lr, positive=True)
     check_number("weight_decay", weight_decay)
     check_trigger(trigger, target)
+    if trigger is not None and eval_data is None:
+        raise ValueError("trigger needs eval_data, the data the ASR is measured on; got "
+                         "eval_data=None")
+
+
+@torch.no_grad()
+def _classes(model: nn.Module, x) -> int:
+    """The number of classes of ``model``: the class dim of its logits on the batch ``x``."""
+    with eval_mode(model):
+        return model(x).shape[1]
 
 
 _SETTINGS = ("epochs", "lr", "batch_size", "weight_decay", "seed", "augment")
@@ -89,15 +100,25 @@ def _config(method: str, *, epochs, lr, batch_size, weight_decay, seed, augment,
             "weight_decay": weight_decay, "seed": seed, "augment": repr(augment), **more}
 
 
-def _train(net: nn.Module, data, objective, *, config: dict, state, epochs, lr, batch_size,
-           weight_decay, augment, seed, device, progress, checkpoint, eval_data, trigger,
-           target, extra=None) -> List[dict]:
+def _train(net: nn.Module, data, objective, *, classes: int, config: dict, state, epochs, lr,
+           batch_size, weight_decay, augment, seed, device, progress, checkpoint, eval_data,
+           trigger, target, extra=None) -> List[dict]:
     """Train ``net`` (on ``device``; DDP-wrapped by the caller when distributed) with
-    ``objective(x, y) -> (loss, parts)`` on :func:`~medic_fast.train.fit`."""
+    ``objective(x, y) -> (loss, parts)`` on :func:`~medic_fast.train.fit`. The labels of the
+    first epoch (each sample's once) are checked against ``classes`` before the loss uses them."""
     loader = make_loader(data, batch_size=batch_size, shuffle=True, seed=seed, shard=dist_shard())
     eval_loader = None if eval_data is None else make_loader(eval_data, batch_size=512,
                                                              name="eval_data")
-    return fit(net, loader, objective, epochs=epochs, lr=lr, weight_decay=weight_decay,
+    unchecked = len(loader)
+
+    def checked(x, y):
+        nonlocal unchecked
+        if unchecked:
+            check_labels(y, classes)
+            unchecked -= 1
+        return objective(x, y)
+
+    return fit(net, loader, checked, epochs=epochs, lr=lr, weight_decay=weight_decay,
                augment=augment, seed=seed, device=device, progress=progress,
                desc=config["method"], checkpoint=checkpoint, config=config, state=state,
                extra=extra, eval_loader=eval_loader, trigger=trigger, target=target)
@@ -110,14 +131,16 @@ def _train_ce(model, fresh, data, *, method, device, resume, **kw) -> Result:
     config = _config(method, **{k: kw[k] for k in _SETTINGS})
     state = load_checkpoint(kw["checkpoint"], resume, config)
     fresh = fresh.to(device)
+    classes = _classes(fresh, first_batch(data, kw["batch_size"])[0].to(device))
+    check_trigger(kw["trigger"], kw["target"], classes)
     net = distributed(fresh, device)
 
     def objective(x, y):
         ce = F.cross_entropy(net(x), y)
         return ce, {"ce": ce}
 
-    return Result(fresh, _train(net, data, objective, config=config, state=state, device=device,
-                                **kw))
+    return Result(fresh, _train(net, data, objective, classes=classes, config=config, state=state,
+                                device=device, **kw))
 
 
 def finetune(model: nn.Module, data, *, epochs: int = 20, lr: float = 1e-3,
@@ -127,7 +150,7 @@ def finetune(model: nn.Module, data, *, epochs: int = 20, lr: float = 1e-3,
     """Baseline: fine-tune a copy of ``model`` on the clean ``data`` with cross-entropy (Adam,
     cosine schedule; a learning rate 10x below the from-scratch one by default).
     Options as in :func:`sanitize`."""
-    _check_common(epochs, lr, batch_size, weight_decay, seed, trigger, target)
+    _check_common(epochs, lr, batch_size, weight_decay, seed, trigger, target, eval_data)
     return _train_ce(model, copy.deepcopy(model), data, method="finetune", epochs=epochs, lr=lr,
                      batch_size=batch_size, weight_decay=weight_decay, augment=augment, seed=seed,
                      device=device, progress=progress, checkpoint=checkpoint, resume=resume,
@@ -141,7 +164,7 @@ def train_from_scratch(model: nn.Module, data, *, epochs: int = 60, lr: float = 
                        factory: Optional[Callable[[], nn.Module]] = None) -> Result:
     """Baseline: a re-initialised model of ``model``'s architecture (or ``factory()``) trained
     on the clean ``data`` with cross-entropy only. Options as in :func:`sanitize`."""
-    _check_common(epochs, lr, batch_size, weight_decay, seed, trigger, target)
+    _check_common(epochs, lr, batch_size, weight_decay, seed, trigger, target, eval_data)
     return _train_ce(model, _reinitialised(model, factory, seed), data, method="scratch",
                      epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                      augment=augment, seed=seed, device=device, progress=progress,
@@ -165,7 +188,8 @@ def sanitize(model: nn.Module, data, *, layers: Optional[Sequence[str]] = None, 
     Args:
         model: the trojaned model.
         data: clean training data: ``Dataset``, ``DataLoader`` or ``(X, y)`` tensors; batches
-            are ``(inputs, labels, ...)``.
+            are ``(inputs, labels, ...)``, labels in ``[0, classes)`` (the width of the model's
+            logits; checked batch by batch in the first epoch).
         layers: module names to clone; default the output of every conv and BatchNorm layer.
         tau, lam, criterion: importance temperature, clone-loss weight, ``"abs"`` | ``"signed"``.
         epochs, lr, batch_size, weight_decay: Adam with weight decay and a cosine schedule.
@@ -178,7 +202,7 @@ def sanitize(model: nn.Module, data, *, layers: Optional[Sequence[str]] = None, 
         checkpoint, resume: save the training state atomically after every epoch to this path;
             ``resume=True`` continues from it (an existing file is never overwritten otherwise).
         eval_data, trigger, target: if given, ACC (and ASR of ``trigger`` towards ``target``)
-            on ``eval_data`` after each epoch, in the history.
+            on ``eval_data`` after each epoch, in the history; a trigger needs ``eval_data``.
         factory: builds the fresh clone instead of re-initialising a copy of ``model``.
         backend: of the loss (``"auto"``: the fused kernel for the device).
 
@@ -187,7 +211,7 @@ def sanitize(model: nn.Module, data, *, layers: Optional[Sequence[str]] = None, 
     Raises:
         FloatingPointError: on a non-finite loss, naming the step.
     """
-    _check_common(epochs, lr, batch_size, weight_decay, seed, trigger, target)
+    _check_common(epochs, lr, batch_size, weight_decay, seed, trigger, target, eval_data)
     check_number("tau", tau)
     check_number("lam", lam)
     if criterion not in CRITERIA:
@@ -205,8 +229,10 @@ def sanitize(model: nn.Module, data, *, layers: Optional[Sequence[str]] = None, 
     config = _config("medic", **settings, tau=tau, lam=lam, criterion=criterion, layers=names,
                      stats=per)
     state = load_checkpoint(checkpoint, resume, config)
-    first = next(iter(make_loader(data, batch_size=batch_size)))[0].to(device)
+    first = first_batch(data, batch_size)[0].to(device)
     copies = inplace_modified(teacher, names, first)
+    classes = _classes(teacher, first)
+    check_trigger(trigger, target, classes)
     if state is not None:
         stats = LayerStats(names, state["stats_mean"], state["stats_std"], per,
                            state["stats_count"])
@@ -227,7 +253,7 @@ def sanitize(model: nn.Module, data, *, layers: Optional[Sequence[str]] = None, 
 
     extra = {"stats_mean": cloner.stats.mean, "stats_std": cloner.stats.std,
              "stats_count": stats.count}
-    history = _train(net, data, objective, config=config, state=state, extra=extra,
+    history = _train(net, data, objective, classes=classes, config=config, state=state, extra=extra,
                      device=device, progress=progress, checkpoint=checkpoint,
                      eval_data=eval_data, trigger=trigger, target=target, **settings)
     return Result(clone, history, stats)

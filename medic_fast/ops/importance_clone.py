@@ -14,6 +14,7 @@ Backward then only scales the kept gradient by the incoming one, in place; with
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import List, Optional, Tuple
 
@@ -91,6 +92,24 @@ def _check_stat(name: str, stat, t: Tensor, start_dim: int) -> None:
                      f"of length {feat[0]} for per-channel statistics")
 
 
+_zero_std_warned = False
+
+
+def check_std(name: str, std: Tensor) -> None:
+    """Refuse negative values of the statistic ``std``; warn (once per process) where it is 0,
+    as ``eps`` alone then divides. Reads the values: a sync for CUDA tensors."""
+    global _zero_std_warned
+    low = float(std.min())
+    if low < 0:
+        raise ValueError(f"{name} must be >= 0 (a standard deviation), got a minimum of {low:g}")
+    if low == 0 and not _zero_std_warned:
+        _zero_std_warned = True
+        warnings.warn(f"{name} is 0 at {int((std == 0).sum())} of {std.numel()} entries: eps "
+                      "alone divides there, so those neurons may dominate the loss (a constant "
+                      "or dead channel in the statistics?); shown once per process",
+                      RuntimeWarning, stacklevel=2)
+
+
 def _normalize_start_dim(start_dim, ndim: int, where: str) -> int:
     if not isinstance(start_dim, int) or isinstance(start_dim, bool):
         raise TypeError(f"start_dim must be an int, got {type(start_dim).__name__}")
@@ -130,6 +149,8 @@ def _validate(acts_t, acts_c, grads, mean, std, start_dim, reduction):
         d = _normalize_start_dim(start_dim, t.dim(), "acts_t" + sfx)
         _check_stat("mean" + sfx, mu, t, d)
         _check_stat("std" + sfx, sd, t, d)
+        if sd is not None and sd.device.type == "cpu" and _plain_eager(sd):
+            check_std("std" + sfx, sd)
         layers.append((t, c, g, mu, sd))
         dims.append(d)
     if reduction == "none" and n > 1:
@@ -311,7 +332,9 @@ def importance_clone_loss(acts_t, acts_c, grads, mean=None, std=None, *, tau: fl
         mean, std: statistics of ``acts_t`` over the clean set: a 1-D tensor of length
             ``acts_t.shape[start_dim]`` (per channel) or anything broadcasting to
             ``acts_t.shape[start_dim:]`` (e.g. per neuron); sequences for several layers.
-            ``None``: per-channel statistics of ``acts_t`` over this batch.
+            ``None``: per-channel statistics of ``acts_t`` over this batch. A negative ``std`` is
+            refused and a zero one warned about, for CPU tensors; CUDA ones are not read here
+            (no sync per call): :class:`~medic_fast.stats.LayerStats` checks them once.
         tau: softmax temperature ``>= 0`` (0: uniform weights ``1/m``).
         criterion: ``"abs"`` (paper eq. 2) or ``"signed"`` (the authors' released code).
         eps: added to ``std``; ``> 0``.

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import medic_fast as mf
 from medic_fast import data
@@ -69,6 +70,54 @@ def test_sanitize_rejects_bad_arguments(trojan):
         mf.sanitize(model, "digits", epochs=1, progress=False)
     with pytest.raises(TypeError, match="integer"):
         mf.sanitize(model, (clean[0], clean[1].float()), epochs=1, progress=False)
+
+
+class _Pairs(Dataset):
+    """A map-style Dataset of (x, y) samples (not a TensorDataset)."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.X[i], self.y[i]
+
+
+@pytest.mark.parametrize("method", ["sanitize", "finetune", "train_from_scratch"])
+def test_bad_data_is_refused_naming_what_was_expected(trojan, method):
+    """Empty data, dict or inputs-only batches, labels or a target outside the model's 10
+    classes, empty eval_data, and a trigger without eval_data: one-line errors, not a bare
+    StopIteration, KeyError, IndexError, NaN accuracy or an ASR of 0."""
+    model, (X, y), (Xte, yte), atk = trojan
+    run = getattr(mf, method)
+    kw = dict(epochs=1, progress=False)
+    empty = TensorDataset(X[:0], y[:0])
+    for d in (empty, DataLoader(empty, batch_size=4)):
+        with pytest.raises(ValueError, match="^data is empty: expected at least one sample"):
+            run(model, d, **kw)
+    dicts = DataLoader([{"x": a, "y": b} for a, b in zip(X[:8], y[:8])], batch_size=4)
+    with pytest.raises(TypeError, match=r"^data must yield \(inputs, labels, \.\.\.\) tuple "
+                       "batches, got a dict with keys"):
+        run(model, dicts, **kw)
+    with pytest.raises(TypeError, match=r"got a Tensor of shape \(4, 1, 8, 8\) \(inputs only\)"):
+        run(model, DataLoader(X[:8], batch_size=4), **kw)
+    for label in (10, -1):
+        bad = y.clone()
+        bad[-1] = label
+        for d in ((X, bad), _Pairs(X, bad)):
+            with pytest.raises(ValueError, match=r"^data: labels must be in \[0, 10\) for a "
+                               rf"model with 10 classes, got label {label}$"):
+                run(model, d, **kw)
+    with pytest.raises(ValueError, match=r"^target must be a class of the model, in \[0, 10\), "
+                       "got 10$"):
+        run(model, (X, y), eval_data=(Xte, yte), trigger=atk, target=10, **kw)
+    with pytest.raises(ValueError, match="^eval_data is empty"):
+        run(model, (X, y), eval_data=TensorDataset(Xte[:0], yte[:0]), **kw)
+    with pytest.raises(ValueError, match="^trigger needs eval_data, the data the ASR is measured "
+                       "on; got eval_data=None$"):
+        run(model, (X, y), trigger=atk, target=0, **kw)
 
 
 def test_clone_reinitialisation():

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -442,6 +443,30 @@ def test_bad_layer_lists():
         medic_fast.importance_clone_loss([t, t2], [c, c2], [g, g2], reduction="none")
     with pytest.raises(ValueError, match=r"acts_c \(layer 1\) has shape"):
         medic_fast.importance_clone_loss([t, t], [c, c[:, :1]], [g, g])
+
+
+def test_negative_std_refused_and_zero_std_warned_once(monkeypatch):
+    """CPU statistics are read at each call (cheap); a zero std warns once per process."""
+    from medic_fast.ops import importance_clone
+
+    monkeypatch.setattr(importance_clone, "_zero_std_warned", False)
+    t, c, g, mean, std = _args()
+    neg = std.clone()
+    neg[1] = -0.25
+    with pytest.raises(ValueError, match=r"^std must be >= 0 \(a standard deviation\), got a "
+                       "minimum of -0.25$"):
+        medic_fast.importance_clone_loss(t, c, g, mean, neg, backend="reference")
+    with pytest.raises(ValueError, match=r"^std \(layer 1\) must be >= 0"):
+        medic_fast.importance_clone_loss([t, t], [c, c], [g, g], [mean, mean], [std, neg],
+                                         backend="reference")
+    with pytest.raises(ValueError, match="std must be >= 0"):
+        medic_fast.importance_weights(t, g, mean, neg)
+    zero = torch.zeros_like(std)
+    with pytest.warns(RuntimeWarning, match=r"^std is 0 at 4 of 4 entries: eps alone divides"):
+        medic_fast.importance_clone_loss(t, c, g, mean, zero, backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        medic_fast.importance_clone_loss(t, c, g, mean, zero, backend="reference")
 
 
 def test_wrong_backend_for_device():

@@ -34,6 +34,39 @@ def test_make_loader_accepts_pair_dataset_and_loader():
         data.make_loader((X, y), batch_size=0)
 
 
+def test_empty_data_and_batches_without_labels_are_refused():
+    """A length-0 Dataset or DataLoader, or a loader giving no batch: a ValueError, not a bare
+    StopIteration; dict or inputs-only batches: a TypeError saying what batches must be."""
+    X, y = torch.randn(10, 2), torch.arange(10)
+    empty = TensorDataset(X[:0], y[:0])
+    for d in (empty, DataLoader(empty, batch_size=4)):
+        with pytest.raises(ValueError, match="^data is empty: expected at least one sample, got "
+                           "a TensorDataset of length 0$"):
+            data.make_loader(d)
+    short = DataLoader(TensorDataset(X, y), batch_size=16, drop_last=True)
+    with pytest.raises(ValueError, match="^data gives no batch: expected at least one, got none"):
+        data.first_batch(short)
+    x0, y0 = data.first_batch((X, y), batch_size=4)
+    assert torch.equal(x0, X[:4]) and torch.equal(y0, y[:4])
+    dicts = DataLoader([{"x": a, "y": b} for a, b in zip(X, y)], batch_size=4)
+    for bad, got in [(dicts, r"a dict with keys \['x', 'y'\] \(dict batches are not supported\)"),
+                     (DataLoader(X, batch_size=4), r"a Tensor of shape \(4, 2\) \(inputs only\)"),
+                     (DataLoader(TensorDataset(X), batch_size=4), "a list of length 1")]:
+        with pytest.raises(TypeError, match=r"^data must yield \(inputs, labels, \.\.\.\) tuple "
+                           f"batches, got {got}$"):
+            data.first_batch(bad)
+        with pytest.raises(TypeError, match="must yield"):
+            next(data.labelled_batches(bad))
+
+
+def test_check_labels_names_the_label_and_the_class_count():
+    data.check_labels(torch.tensor([0, 9, 3]), 10)
+    for label in (10, -2):
+        with pytest.raises(ValueError, match=rf"^train: labels must be in \[0, 10\) for a model "
+                           rf"with 10 classes, got label {label}$"):
+            data.check_labels(torch.tensor([[0, 1], [label, 3]]), 10, "train")
+
+
 def test_shuffle_is_seeded_per_epoch_and_shards_cover_the_data():
     X, y = torch.randn(10, 2), torch.arange(10)
     a = data.make_loader((X, y), batch_size=4, shuffle=True, seed=1)
