@@ -125,17 +125,20 @@ def _check_backend(backend: str, op: str, device) -> Optional[str]:
 def _resolve(spec: str, option: str):
     """The object named by ``pkg.module:attr`` (the cwd is importable, as with ``python -m``)."""
     if ":" not in spec:
-        raise SystemExit(f"medic-fast: {option} must look like pkg.module:name, got {spec!r}")
+        raise _UserError(f"{option} {spec!r}: must look like pkg.module:name; name a callable "
+                         "in an importable module")
     mod, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         obj = importlib.import_module(mod)
     except ImportError as e:
-        raise SystemExit(f"medic-fast: {option}: cannot import {mod!r}: {e}")
+        raise _UserError(f"{option} {spec!r}: cannot import {mod!r} ({e}); run from the directory "
+                         "that holds it, or install it")
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise SystemExit(f"medic-fast: {option}: {mod!r} has no attribute {attr!r}")
+            raise _UserError(f"{option} {spec!r}: {mod!r} has no attribute {attr!r}; check the "
+                             "name")
         obj = getattr(obj, part)
     return obj
 
@@ -143,7 +146,8 @@ def _resolve(spec: str, option: str):
 def _call(spec: str, option: str):
     factory = _resolve(spec, option)
     if not callable(factory):
-        raise SystemExit(f"medic-fast: {option}: {spec!r} is not callable")
+        raise _UserError(f"{option} {spec!r}: is not callable; name a function that returns the "
+                         "object")
     return factory()
 
 
@@ -173,8 +177,8 @@ def _load_model(args):
 
     model = _call(args.model, "--model")
     if not isinstance(model, torch.nn.Module):
-        raise SystemExit(f"medic-fast: --model {args.model!r} returned {type(model).__name__}, "
-                         "not an nn.Module")
+        raise _UserError(f"--model {args.model!r}: returned {type(model).__name__}, not an "
+                         "nn.Module; name a function that builds the model")
     what = f"--weights {args.weights!r}"
     save = "give the model's state_dict, saved with torch.save(model.state_dict(), PATH)"
     if not os.path.exists(args.weights):
@@ -488,8 +492,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except _UserError as e:
+    except (_UserError, ValueError, TypeError) as e:  # the library's argument and data errors
         return _fail(str(e))
+    except FloatingPointError as e:  # the training loop's stop on a non-finite loss
+        msg = str(e).replace("continue with resume=True", "run the same command with --resume")
+        print(f"medic-fast: {msg}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(_interrupted(args), file=sys.stderr)
         return 130

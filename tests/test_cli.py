@@ -116,8 +116,11 @@ def test_sanitize_command_on_user_files(tmp_path, monkeypatch, capsys):
     assert "never overwritten" in capsys.readouterr().err
     os.remove("clone.pt")
     os.remove("history.json")
-    with pytest.raises(SystemExit, match="no attribute"):
-        cli.main(args[:2] + ["usermod:nothing"] + args[3:])
+    capsys.readouterr()
+    assert cli.main(args[:2] + ["usermod:nothing"] + args[3:]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medic-fast: error: --model 'usermod:nothing'") and "no attribute" in err
+    assert len(err.strip().splitlines()) == 1
     assert cli.main(args[:-6] + ["--target", "0"]) == 2  # --target without --trigger
 
 
@@ -440,3 +443,28 @@ def test_ctrl_c_without_state_says_state_would_allow_resuming(user_files, monkey
     assert cli.main(["sanitize", *user_files, "--out", "o.pt", "--state", "s.pt"]) == 130
     assert capsys.readouterr().err == "medic-fast: interrupted before the first epoch completed; " \
         "run the same command again\n"
+
+
+def test_bad_clean_data_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """The library's data errors (here a NaN sample) reach the user as one line, rc 2."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "nanmod.py").write_text(textwrap.dedent("""
+        import torch
+        from medic_fast.zoo import models
+
+        def model():
+            return models.DigitsCNN((4, 8, 8))
+
+        def data():
+            X = torch.rand(32, 1, 8, 8)
+            X[5, 0, 2, 2] = float("nan")
+            return X, torch.randint(10, (32,))
+    """))
+    torch.manual_seed(0)
+    torch.save(models.DigitsCNN((4, 8, 8)).state_dict(), tmp_path / "in.pt")
+    code = cli.main(["sanitize", "--model", "nanmod:model", "--weights", "in.pt", "--data",
+                     "nanmod:data", "--out", "o.pt", "--epochs", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "sample 5" in err and "NaN" in err and not (tmp_path / "o.pt").exists()
