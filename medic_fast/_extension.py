@@ -216,26 +216,34 @@ def _build_lock(bdir: Path, timeout: float):
         os.close(fd)  # releases the flock
 
 
-def _acquire(fd: int, path: Path, deadline: float, timeout: float) -> None:
-    """``flock`` ``fd``, polling; one line on stderr when it must wait, an error at ``deadline``."""
+def _wait(blocker, deadline: float, timeout: float, waiting_for, give_up) -> None:
+    """Poll ``blocker()`` until it returns a falsy value: one line on stderr when it must wait
+    (``waiting_for(blocked)``), an :class:`ExtensionUnavailable` at ``deadline`` saying what was
+    waited for and how to clear it (``give_up(blocked)``)."""
     waiting = False
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            pass
-        who = _describe(_holder(path))
+    while blocked := blocker():
         if not waiting:
-            print(f"medic_fast: waiting for the extension build of {who} (lock {path})",
-                  file=sys.stderr)
+            print(f"medic_fast: waiting for {waiting_for(blocked)}", file=sys.stderr)
             waiting = True
         if time.monotonic() >= deadline:
-            raise ExtensionUnavailable(
-                f"gave up after {timeout:g} s (MEDIC_FAST_BUILD_TIMEOUT) waiting for the extension "
-                f"build of {who}, which holds {path}: if that build is stuck, kill that process, "
-                f"or delete {path.parent} to start over")
+            raise ExtensionUnavailable(f"gave up after {timeout:g} s (MEDIC_FAST_BUILD_TIMEOUT) "
+                                       f"waiting for {give_up(blocked)}")
         time.sleep(_POLL_S)
+
+
+def _acquire(fd: int, path: Path, deadline: float, timeout: float) -> None:
+    """``flock`` ``fd``, waiting (bounded) while another build holds it."""
+    def held() -> str:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return ""
+        except BlockingIOError:
+            return _describe(_holder(path))
+
+    _wait(held, deadline, timeout,
+          lambda who: f"the extension build of {who} (lock {path})",
+          lambda who: f"the extension build of {who}, which holds {path}: if that build is "
+                      f"stuck, kill that process, or delete {path.parent} to start over")
 
 
 def _holder(path: Path) -> dict:
@@ -257,18 +265,12 @@ def _await_leftovers(bdir: Path, killed: dict, deadline: float, timeout: float) 
     """Wait until the processes a killed build left running in ``bdir`` have exited."""
     if killed.get("host") != socket.gethostname():
         return
-    waiting = False
-    while pids := _leftovers(bdir, killed.get("pgid")):
-        if not waiting:
-            print(f"medic_fast: waiting for processes {pids}, left running by the killed extension "
-                  f"build of {_describe(killed)}, to exit", file=sys.stderr)
-            waiting = True
-        if time.monotonic() >= deadline:
-            raise ExtensionUnavailable(
-                f"gave up after {timeout:g} s (MEDIC_FAST_BUILD_TIMEOUT) waiting for processes "
-                f"{pids}, left running in {bdir} by the killed extension build of "
-                f"{_describe(killed)}: kill them, or delete {bdir} to start over")
-        time.sleep(_POLL_S)
+    who = _describe(killed)
+    _wait(lambda: _leftovers(bdir, killed.get("pgid")), deadline, timeout,
+          lambda pids: f"processes {pids}, left running by the killed extension build of {who}, "
+                       "to exit",
+          lambda pids: f"processes {pids}, left running in {bdir} by the killed extension build "
+                       f"of {who}: kill them, or delete {bdir} to start over")
 
 
 def _leftovers(bdir: Path, pgid: int | None) -> list[int]:

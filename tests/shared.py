@@ -1,8 +1,11 @@
 """Helpers shared by the tests (on ``sys.path`` through ``pythonpath`` in pyproject.toml)."""
 import copy
 
+import pytest
 import torch
 from torch import nn
+
+from medic_fast import _extension
 
 from medic_fast.zoo import datasets
 
@@ -34,3 +37,16 @@ def double_backward_grads(model, layers, x, y):
     for h in hooks:
         h.remove()
     return [acts[n].detach() for n in layers], [acts[n].grad for n in layers]
+
+
+def has_extension() -> bool:
+    """Whether the C++ extension builds and loads here."""
+    try:
+        _extension.load()
+        return True
+    except _extension.ExtensionUnavailable:
+        return False
+
+
+needs_extension = pytest.mark.skipif(not has_extension(),
+                                     reason="the C++ extension did not build")

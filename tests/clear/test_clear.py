@@ -10,6 +10,7 @@ from torch import nn
 
 import medic_fast
 from medic_fast.clear import graph
+from shared import needs_extension
 
 
 @contextlib.contextmanager
@@ -297,19 +298,7 @@ def test_patch_errors(digits):
 # Progress on stderr
 # ------------------------------------------------------------------------------------------------
 
-def _has_extension():
-    from medic_fast import _extension
-    try:
-        _extension.load()
-        return True
-    except _extension.ExtensionUnavailable:
-        return False
-
-
-needs_ext = pytest.mark.skipif(not _has_extension(), reason="the C++ extension did not build")
-
-
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_ext)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_extension)])
 def test_scan_is_quiet_by_default_and_shows_progress_on_request(backend, capsys):
     data, model = _planted_data(), _pocket_in_logit(True)
     quiet = medic_fast.scan(model, data, backend=backend)
@@ -328,7 +317,7 @@ def test_scan_is_quiet_by_default_and_shows_progress_on_request(backend, capsys)
     assert torch.equal(quiet.pocket_samples, shown.pocket_samples)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_ext)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_extension)])
 def test_stepped_searches_report_each_step_and_the_problems_still_active(backend, capsys):
     """The Python-driven searches (the reference; the extension's steps for a head that is not
     Linear/ReLU) call ``on_step(s, active)`` after every step; ``progress`` draws it as a bar."""

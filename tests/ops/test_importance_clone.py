@@ -42,14 +42,21 @@ def make(shape, *, stats="channel", start_dim=1, dtype=torch.float32, seed=0, la
     return out
 
 
-def run(layers, backend, *, single=True, grad_scale=1.7, **kw):
-    """Loss and d(grad_scale * sum(loss))/d acts_c for each layer, via the public API."""
+def _loss_args(layers, single):
+    """Fresh ``acts_c`` leaves that require grad, and the loss's positional arguments (one layer,
+    or lists of layers)."""
     cs = [c.detach().clone().requires_grad_() for _, c, _, _, _ in layers]
     args = [[layer[0] for layer in layers], cs, [layer[2] for layer in layers],
             None if layers[0][3] is None else [layer[3] for layer in layers],
             None if layers[0][4] is None else [layer[4] for layer in layers]]
     if single:
         args = [a if a is None else a[0] for a in args]
+    return cs, args
+
+
+def run(layers, backend, *, single=True, grad_scale=1.7, **kw):
+    """Loss and d(grad_scale * sum(loss))/d acts_c for each layer, via the public API."""
+    cs, args = _loss_args(layers, single)
     loss = medic_fast.importance_clone_loss(*args, backend=backend, **kw)
     (grad_scale * loss.sum()).backward()
     return loss.detach(), [c.grad for c in cs]
@@ -269,12 +276,7 @@ def run_double(layers, backend, coef, *, single=True, **kw):
     """``total = sum(u * loss) + coef * sum_l |G_l|^2``, ``G_l = d sum(u * loss) / d acts_c[l]``
     taken with ``create_graph=True`` and ``u`` fixed random row weights: ``total``, the ``G_l``
     and ``d total / d acts_c``."""
-    cs = [c.detach().clone().requires_grad_() for _, c, _, _, _ in layers]
-    args = [[layer[0] for layer in layers], cs, [layer[2] for layer in layers],
-            None if layers[0][3] is None else [layer[3] for layer in layers],
-            None if layers[0][4] is None else [layer[4] for layer in layers]]
-    if single:
-        args = [a if a is None else a[0] for a in args]
+    cs, args = _loss_args(layers, single)
     loss = medic_fast.importance_clone_loss(*args, backend=backend, **kw)
     u = (torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)) + 0.5).to(loss.dtype)
     first = (u * loss).sum()

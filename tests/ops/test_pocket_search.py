@@ -7,19 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from medic_fast import _extension
 from medic_fast.ops.pocket_search import mlp_layers, pocket_search
+from shared import has_extension, needs_extension
 
 
-def _has_extension():
-    try:
-        _extension.load()
-        return True
-    except _extension.ExtensionUnavailable:
-        return False
-
-
-needs_ext = pytest.mark.skipif(not _has_extension(), reason="the C++ extension did not build")
 # These problems are small: one thread runs them fastest and is not slowed down by other
 # processes on a shared machine. Threads are tested on their own below.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,7 +70,7 @@ HEADS = [pytest.param(lambda: _mlp_head(), (32,), dict(lr=0.5, steps=60, margin=
                       id="conv")]
 
 
-@needs_ext
+@needs_extension
 @pytest.mark.parametrize("make_head, shape, _", HEADS)
 def test_cpp_follows_reference_step_by_step(make_head, shape, _):
     """With no test able to stop a problem, the anchors after s steps agree for every s."""
@@ -93,7 +84,7 @@ def test_cpp_follows_reference_step_by_step(make_head, shape, _):
             assert not torch.allclose(ref.anchors, _problems(shape, 6)[0])  # they did move
 
 
-@needs_ext
+@needs_extension
 @pytest.mark.parametrize("make_head, shape, settings", HEADS)
 def test_cpp_makes_the_reference_decisions(make_head, shape, settings):
     """Found, abandoned and ran-out problems, and the step each stopped at, all match."""
@@ -113,7 +104,7 @@ def test_cpp_makes_the_reference_decisions(make_head, shape, settings):
     torch.testing.assert_close(ext.anchors, ref.anchors, rtol=0, atol=0.02)
 
 
-@needs_ext
+@needs_extension
 def test_the_whole_search_gives_the_same_answer_on_any_number_of_threads():
     """Threads take tiles of problems from a shared counter; every tile is independent, so the
     result is bitwise the same however the tiles are shared out."""
@@ -136,7 +127,7 @@ def test_mlp_heads_take_the_whole_search_path_and_others_do_not():
     assert mlp_layers(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))) is None
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_ext)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_extension)])
 def test_the_tests_come_before_the_step(backend):
     """A problem that already satisfies the test is found at step 0 with its starting anchors;
     one whose centroid starts outside the box is abandoned at step 0; the box wins."""
@@ -159,7 +150,7 @@ def test_the_tests_come_before_the_step(backend):
     assert not r.found.any() and not r.abandoned.any()
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_ext)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_extension)])
 def test_nan_logits_are_never_found(backend):
     head = nn.Sequential(nn.Linear(4, 3)).eval()
     with torch.no_grad():
@@ -208,7 +199,7 @@ def test_auto_takes_the_fused_kernel_for_float32_and_the_reference_otherwise(dty
     anchors, source, target = _problems((32,), 6, q=6)
     r = pocket_search(anchors.to(dtype), _mlp_head().to(dtype), source, target, alpha=0.1,
                       lr=0.1, steps=3, lo=-9.0, hi=9.0, margin=0.0)
-    fused = "cpp" if _has_extension() else "reference"
+    fused = "cpp" if has_extension() else "reference"
     assert r.backend == (fused if dtype == torch.float32 else "reference")
     assert r.anchors.dtype == dtype
 
@@ -227,7 +218,7 @@ def _active_rows(seed, q=9, active=6):
     return rows, idx, source, target
 
 
-@needs_ext
+@needs_extension
 def test_opcheck_pocket_search_mlp():
     anchors, source, target = _problems((32,), 6, q=9, seed=3)
     weights, biases, relu = mlp_layers(_mlp_head(relu_in=True))
@@ -236,7 +227,7 @@ def test_opcheck_pocket_search_mlp():
                            0.0))
 
 
-@needs_ext
+@needs_extension
 def test_opcheck_pocket_step_logits():
     rows, idx, source, target = _active_rows(4)
     logits = _mlp_head()(rows.flatten(0, 1)).detach()
@@ -244,7 +235,7 @@ def test_opcheck_pocket_step_logits():
                           (logits, rows, idx, source, target, -2.0, 2.0, 0.0))
 
 
-@needs_ext
+@needs_extension
 @pytest.mark.parametrize("step", [True, False])
 def test_opcheck_pocket_step_update(step):
     """With gradients some problems step and stay (how many depends on the data); without,
