@@ -85,6 +85,7 @@ def _check_common(epochs, lr, batch_size, weight_decay, seed, trigger, target, e
 
 
 @torch.no_grad()
+@torch.no_grad()
 def _classes(model: nn.Module, x) -> int:
     """The number of classes of ``model``: the class dim of its logits on the batch ``x``."""
     with eval_mode(model):
