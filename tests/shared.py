@@ -50,3 +50,10 @@ def has_extension() -> bool:
 
 needs_extension = pytest.mark.skipif(not has_extension(),
                                      reason="the C++ extension did not build")
+
+CUDA = torch.cuda.is_available()
+# Parametrise a test over devices with ``@pytest.mark.parametrize("device", DEVICES)``: the CUDA
+# case is marked ``cuda`` (``pytest -m cuda`` runs only those, as ``medic_fast.gpu_check`` does)
+# and is skipped where there is no GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not CUDA, reason="no CUDA device")])]
