@@ -9,7 +9,11 @@
 2. The demo's wall-clock per phase (``medic-fast demo``).
 
     python benchmarks/bench_sanitize.py [--rounds 5] [--repeats 20] [--threads 2]
+                                        [--device cpu|cuda] [--parts steps,demo]
                                         [--json PATH] [--csv PATH]
+
+On a GPU (``--device cuda``) the step part runs there (each step timed to its end); the demo
+always runs on CPU.
 
 The step rows (one per backend and round) and the demo rows (one per phase) go to the files.
 """
@@ -27,27 +31,33 @@ from medic_fast.zoo.demo import run_demo
 from _harness import add_output_options, write_rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=5, help="independent rounds of the step timing")
     p.add_argument("--repeats", type=int, default=20, help="timed steps per variant per round")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     p.add_argument("--backends", default="auto,reference",
                    help="comma-separated loss backends for our step")
+    p.add_argument("--device", default="cpu", help="where the step part runs (cpu or cuda)")
+    p.add_argument("--parts", default="steps,demo", help="steps, demo or both")
     add_output_options(p)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    runs = {backend: [bench_steps(repeats=args.repeats, backend=backend, seed=r)
-                      for r in range(args.rounds)] for backend in args.backends.split(",")}
+    parts = args.parts.split(",")
+    runs = {backend: [bench_steps(repeats=args.repeats, backend=backend, seed=r,
+                                  device=args.device)
+                      for r in range(args.rounds)]
+            for backend in (args.backends.split(",") if "steps" in parts else [])}
     load = os.getloadavg()[0]
-    demo = run_demo(0, progress=False)
-    print(f"## One training step, WRN-16-1, batch 64, 3x32x32, 25 tensors hooked, CPU, "
-          f"{args.threads} threads ({args.rounds} rounds x median of {args.repeats}; "
-          f"load average {load:.1f} at the end)\n")
-    print("| loss backend | plain CE | ours | released-code style | ours / plain (median, "
-          "per round) | released / ours |")
-    print("|---|---|---|---|---|---|")
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"CPU, {args.threads} threads")
+    if runs:
+        print(f"## One training step, WRN-16-1, batch 64, 3x32x32, 25 tensors hooked, {where} "
+              f"({args.rounds} rounds x median of {args.repeats}; load average {load:.1f} at "
+              f"the end)\n")
+        print("| loss backend | plain CE | ours | released-code style | ours / plain (median, "
+              "per round) | released / ours |")
+        print("|---|---|---|---|---|---|")
     for backend, rounds in runs.items():
         ms = {k: statistics.median(1e3 * r["seconds"][k] for r in rounds)
               for k in rounds[0]["seconds"]}
@@ -56,24 +66,30 @@ def main() -> None:
         print(f"| {backend} | {ms['plain']:.1f} ms | {ms['ours']:.1f} ms | {ms['released']:.1f} ms"
               f" | **{statistics.median(ratios):.2f}x** ({', '.join(f'{r:.2f}' for r in ratios)})"
               f" | {released:.2f}x |")
-    print("\n## The demo (`medic-fast demo`, seed 0, 1 thread)\n")
-    print("| phase | seconds | ACC | ASR |")
-    print("|---|---|---|---|")
-    by_method = {r["method"]: r for r in demo["results"]}
-    for phase, sec in demo["phases"].items():
-        r = by_method.get(phase)
-        acc = f"{100 * r['acc']:.1f}%" if r else ""
-        asr = f"{100 * r['asr']:.1f}%" if r else ""
-        print(f"| {phase} | {sec:.2f} | {acc} | {asr} |")
-    step_rows = [{"part": "step", "backend": backend, "round": i,
+    step_rows = [{"part": "step", "device": args.device, "backend": backend, "round": i,
                   **{f"{k}_ms": 1e3 * v for k, v in r["seconds"].items()},
                   "ours_vs_plain": r["ours_vs_plain"], "released_vs_ours": r["released_vs_ours"],
                   "load": load}
                  for backend, rounds in runs.items() for i, r in enumerate(rounds)]
-    demo_rows = [{"part": "demo", "phase": phase, "seconds": sec, "threads": demo["threads"],
-                  **{k: by_method[phase][k] for k in ("acc", "asr") if phase in by_method}}
-                 for phase, sec in demo["phases"].items()]
-    write_rows(step_rows + demo_rows, "bench_sanitize", json_path=args.json, csv_path=args.csv)
+    write_rows(step_rows + (demo() if "demo" in parts else []), "bench_sanitize",
+               json_path=args.json, csv_path=args.csv)
+
+
+def demo() -> list:
+    """Run the demo (seed 0, CPU), print its table; its rows."""
+    result = run_demo(0, progress=False)
+    print("\n## The demo (`medic-fast demo`, seed 0, 1 thread)\n")
+    print("| phase | seconds | ACC | ASR |")
+    print("|---|---|---|---|")
+    by_method = {r["method"]: r for r in result["results"]}
+    for phase, sec in result["phases"].items():
+        r = by_method.get(phase)
+        acc = f"{100 * r['acc']:.1f}%" if r else ""
+        asr = f"{100 * r['asr']:.1f}%" if r else ""
+        print(f"| {phase} | {sec:.2f} | {acc} | {asr} |")
+    return [{"part": "demo", "phase": phase, "seconds": sec, "threads": result["threads"],
+             **{k: by_method[phase][k] for k in ("acc", "asr") if phase in by_method}}
+            for phase, sec in result["phases"].items()]
 
 
 if __name__ == "__main__":

@@ -52,8 +52,10 @@ needs_extension = pytest.mark.skipif(not has_extension(),
                                      reason="the C++ extension did not build")
 
 CUDA = torch.cuda.is_available()
-# Parametrise a test over devices with ``@pytest.mark.parametrize("device", DEVICES)``: the CUDA
-# case is marked ``cuda`` (``pytest -m cuda`` runs only those, as ``medic_fast.gpu_check`` does)
-# and is skipped where there is no GPU.
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not CUDA, reason="no CUDA device")])]
+# Parametrise a test over devices with ``@pytest.mark.parametrize("device", DEVICES)``. Both cases
+# are marked ``device``; the CUDA case is also marked ``cuda`` and is skipped where there is no
+# GPU. ``medic_fast.gpu_check`` runs ``-m cuda`` on a GPU, and ``-m "device and not cuda"`` (the
+# same tests' CPU cases) for ``--cpu-dry-run``.
+DEVICES = [pytest.param("cpu", marks=pytest.mark.device),
+           pytest.param("cuda", marks=[pytest.mark.device, pytest.mark.cuda, pytest.mark.skipif(
+               not CUDA, reason="no CUDA device")])]

@@ -41,20 +41,28 @@ def _released_style_step(teacher, student, layers, stats, tau, opt, x, y):
     opt.step()
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bench_steps(batch: int = 64, size: int = 32, repeats: int = 20, warmup: int = 3,
-                backend: str = "auto", seed: int = 0, progress: bool = False) -> dict:
+                backend: str = "auto", seed: int = 0, progress: bool = False,
+                device="cpu") -> dict:
     """Median seconds of one training step on WRN-16-1 (``batch`` x 3 x ``size`` x ``size``,
     the 25 conv/bn tensors of the released recipe hooked), Adam after each: ``plain``
     cross-entropy, ``ours`` (``loss = Cloner(...)(x, y)``, tau 5, lam 10, ``backend``) and
     ``released`` (the released code's way). Variants are interleaved, each step on fresh random
-    inputs; ``progress`` prints a line per round (one step of each variant) on stderr."""
+    inputs; ``progress`` prints a line per round (one step of each variant) on stderr. On a CUDA
+    ``device`` each step is timed to its end (a synchronisation after it)."""
+    device = torch.device(device)
     torch.manual_seed(seed)
-    teacher = models.wrn16_1().eval().requires_grad_(False)
+    teacher = models.wrn16_1().to(device).eval().requires_grad_(False)
     layers = models.wrn_released_layers(teacher)
-    xs = torch.rand(4 * batch, 3, size, size)
-    ys = torch.randint(0, 10, (4 * batch,))
+    xs = torch.rand(4 * batch, 3, size, size, device=device)
+    ys = torch.randint(0, 10, (4 * batch,), device=device)
     stats = mf.collect_stats(teacher, (xs, ys), layers, batch_size=batch)
-    nets = {k: models.wrn16_1() for k in ("plain", "ours", "released")}
+    nets = {k: models.wrn16_1().to(device) for k in ("plain", "ours", "released")}
     opts = {k: torch.optim.Adam(n.parameters(), lr=1e-3) for k, n in nets.items()}
     cloner = mf.Cloner(teacher, nets["ours"], layers, stats, tau=5.0, lam=10.0, backend=backend)
 
@@ -74,14 +82,17 @@ def bench_steps(batch: int = 64, size: int = 32, repeats: int = 20, warmup: int 
             print(f"bench: round {i + 1}/{rounds}" + (" (warm-up)" if i < warmup else ""),
                   file=sys.stderr, flush=True)
         for kind in nets:
-            x = torch.rand(batch, 3, size, size)
-            y = torch.randint(0, 10, (batch,))
+            x = torch.rand(batch, 3, size, size, device=device)
+            y = torch.randint(0, 10, (batch,), device=device)
+            _sync(device)
             t0 = time.perf_counter()
             step(kind, x, y)
+            _sync(device)
             if i >= warmup:
                 times[kind].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": "wrn16_1", "batch": batch, "size": size, "hooked": len(layers),
+    return {"model": "wrn16_1", "device": str(device), "batch": batch, "size": size,
+            "hooked": len(layers),
             "repeats": repeats, "threads": torch.get_num_threads(), "backend": backend,
             "seconds": med, "ours_vs_plain": med["ours"] / med["plain"],
             "released_vs_ours": med["released"] / med["ours"]}
