@@ -16,7 +16,9 @@ from medic_fast.capture import ActivationCapture
 from medic_fast.reference import importance_clone as reference
 from medic_fast.zoo import models
 
-__all__ = ["bench_steps"]
+__all__ = ["bench_steps", "step_variants", "VARIANTS"]
+
+VARIANTS = ("plain", "ours", "released")
 
 
 def _released_style_step(teacher, student, layers, stats, tau, opt, x, y):
@@ -46,15 +48,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_steps(batch: int = 64, size: int = 32, repeats: int = 20, warmup: int = 3,
-                backend: str = "auto", seed: int = 0, progress: bool = False,
-                device="cpu") -> dict:
-    """Median seconds of one training step on WRN-16-1 (``batch`` x 3 x ``size`` x ``size``,
-    the 25 conv/bn tensors of the released recipe hooked), Adam after each: ``plain``
-    cross-entropy, ``ours`` (``loss = Cloner(...)(x, y)``, tau 5, lam 10, ``backend``) and
-    ``released`` (the released code's way). Variants are interleaved, each step on fresh random
-    inputs; ``progress`` prints a line per round (one step of each variant) on stderr. On a CUDA
-    ``device`` each step is timed to its end (a synchronisation after it)."""
+def step_variants(batch: int = 64, size: int = 32, backend: str = "auto", seed: int = 0,
+                  device="cpu"):
+    """``(step, inputs, hooked)`` for WRN-16-1 (``batch`` x 3 x ``size`` x ``size``, the 25
+    conv/bn tensors of the released recipe hooked): ``step(kind, x, y)`` takes one training step,
+    Adam after it, of the variant ``kind``: ``plain`` cross-entropy, ``ours`` (``loss =
+    Cloner(...)(x, y)``, tau 5, lam 10, ``backend``: the step ``sanitize`` takes) or
+    ``released`` (the released code's way); ``inputs()`` draws a fresh random batch."""
     device = torch.device(device)
     torch.manual_seed(seed)
     teacher = models.wrn16_1().to(device).eval().requires_grad_(False)
@@ -62,7 +62,7 @@ def bench_steps(batch: int = 64, size: int = 32, repeats: int = 20, warmup: int 
     xs = torch.rand(4 * batch, 3, size, size, device=device)
     ys = torch.randint(0, 10, (4 * batch,), device=device)
     stats = mf.collect_stats(teacher, (xs, ys), layers, batch_size=batch)
-    nets = {k: models.wrn16_1().to(device) for k in ("plain", "ours", "released")}
+    nets = {k: models.wrn16_1().to(device) for k in VARIANTS}
     opts = {k: torch.optim.Adam(n.parameters(), lr=1e-3) for k, n in nets.items()}
     cloner = mf.Cloner(teacher, nets["ours"], layers, stats, tau=5.0, lam=10.0, backend=backend)
 
@@ -75,15 +75,30 @@ def bench_steps(batch: int = 64, size: int = 32, repeats: int = 20, warmup: int 
         loss.backward()
         opt.step()
 
-    times: Dict[str, list] = {k: [] for k in nets}
+    def inputs():
+        return (torch.rand(batch, 3, size, size, device=device),
+                torch.randint(0, 10, (batch,), device=device))
+
+    return step, inputs, len(layers)
+
+
+def bench_steps(batch: int = 64, size: int = 32, repeats: int = 20, warmup: int = 3,
+                backend: str = "auto", seed: int = 0, progress: bool = False,
+                device="cpu") -> dict:
+    """Median seconds of one training step of each of :func:`step_variants`. Variants are
+    interleaved, each step on fresh random inputs; ``progress`` prints a line per round (one
+    step of each variant) on stderr. On a CUDA ``device`` each step is timed to its end (a
+    synchronisation after it)."""
+    device = torch.device(device)
+    step, inputs, hooked = step_variants(batch, size, backend, seed, device)
+    times: Dict[str, list] = {k: [] for k in VARIANTS}
     rounds = warmup + repeats
     for i in range(rounds):
         if progress:
             print(f"bench: round {i + 1}/{rounds}" + (" (warm-up)" if i < warmup else ""),
                   file=sys.stderr, flush=True)
-        for kind in nets:
-            x = torch.rand(batch, 3, size, size, device=device)
-            y = torch.randint(0, 10, (batch,), device=device)
+        for kind in VARIANTS:
+            x, y = inputs()
             _sync(device)
             t0 = time.perf_counter()
             step(kind, x, y)
@@ -92,7 +107,6 @@ def bench_steps(batch: int = 64, size: int = 32, repeats: int = 20, warmup: int 
                 times[kind].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": "wrn16_1", "device": str(device), "batch": batch, "size": size,
-            "hooked": len(layers),
-            "repeats": repeats, "threads": torch.get_num_threads(), "backend": backend,
-            "seconds": med, "ours_vs_plain": med["ours"] / med["plain"],
+            "hooked": hooked, "repeats": repeats, "threads": torch.get_num_threads(),
+            "backend": backend, "seconds": med, "ours_vs_plain": med["ours"] / med["plain"],
             "released_vs_ours": med["released"] / med["ours"]}
