@@ -61,8 +61,8 @@ def make_loader(data, *, batch_size: int = 64, shuffle: bool = False, seed: int 
     """A ``DataLoader`` over ``data``.
 
     * A ``DataLoader`` is used as given (its batch size, sampler, workers), except under
-      ``shard``, where it is rebuilt on its dataset with the same batch size, collate function
-      and workers.
+      ``shard``, where it is rebuilt on its dataset with the same batch size, collate function,
+      workers and ``pin_memory``.
     * ``(X, y)`` tensors are fetched a whole batch at a time (one indexing per batch, not one
       per sample).
     * ``shuffle``: a new permutation every epoch, fixed by ``seed`` and the epoch number (call
@@ -90,7 +90,7 @@ def make_loader(data, *, batch_size: int = 64, shuffle: bool = False, seed: int 
     if isinstance(data, DataLoader):
         return DataLoader(dataset, batch_size=data.batch_size or batch_size, sampler=sampler,
                           collate_fn=data.collate_fn, num_workers=data.num_workers,
-                          drop_last=drop_last)
+                          pin_memory=data.pin_memory, drop_last=drop_last)
     if isinstance(dataset, TensorDataset):
         return DataLoader(dataset, batch_size=None,
                           sampler=BatchSampler(sampler, batch_size, drop_last))

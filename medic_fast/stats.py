@@ -81,20 +81,28 @@ class _Moments:
         return torch.isfinite(var).all() | (n == 0)
 
 
+def _comm_device(like: Tensor) -> torch.device:
+    """Where this process's collectives run: the CPU (gloo), or under NCCL the statistics' own GPU
+    (the current device only when they are on the CPU; the current device need not be theirs)."""
+    if dist.get_backend() != "nccl":
+        return torch.device("cpu")
+    return like.device if like.is_cuda else torch.device("cuda", torch.cuda.current_device())
+
+
 def _all_gather_moments(moments: List[_Moments]) -> None:
     """Merge every process's moments into every process's ``moments``, in rank order."""
     world = dist.get_world_size()
+    comm = _comm_device(moments[0].mean)
     flat = torch.cat([torch.cat([torch.tensor([m.n], dtype=torch.float64),
                                  m.mean.flatten().cpu(), m.m2.flatten().cpu()])
-                      for m in moments])
-    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    flat = flat.to(backend_device)
+                      for m in moments]).to(comm)
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     shapes = [(m.mean.shape, m.mean.device) for m in moments]
     for i in range(len(moments)):
         moments[i] = _Moments()
     for g in gathered:
+        g = g.cpu()  # one copy per process, not a host sync per layer to read its count
         offset = 0
         for i, (shape, device) in enumerate(shapes):
             k = shape.numel()
@@ -155,7 +163,7 @@ def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None
     count = 0
     with eval_mode(model):
         for batch in loader:
-            x = batch_inputs(batch).to(device)
+            x = batch_inputs(batch).to(device, non_blocking=device.type == "cuda")
             if copy is None:
                 copy = inplace_modified(model, names, x, select)
             with ActivationCapture(model, names, select=select, copy=copy) as cap:
@@ -221,8 +229,7 @@ def _finalize(names: List[str], moments: List[_Moments], count: int, per: str) -
         raise ValueError("data is empty (or this process's share of it is): no statistics")
     if dist.is_available() and dist.is_initialized():
         _all_gather_moments(moments)
-        total = torch.tensor([count], dtype=torch.float64,
-                             device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        total = torch.tensor([count], dtype=torch.float64, device=_comm_device(moments[0].mean))
         dist.all_reduce(total)
         count = int(total.item())
     return LayerStats(list(names), [m.mean.float() for m in moments],

@@ -13,6 +13,7 @@ import os
 import re
 import time
 import warnings
+from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -23,7 +24,7 @@ from medic_fast._utils import device_of, dist_shard, eval_mode, inner_module, sa
 from medic_fast.data import check_labels, check_pair, make_loader, set_epoch, unpack_batch
 
 __all__ = ["fit", "evaluate", "evaluate_loader", "distributed", "load_checkpoint",
-           "read_torch_file", "read_training_state", "check_trigger", "SCHEDULES"]
+           "read_torch_file", "read_training_state", "check_trigger", "seeded", "SCHEDULES"]
 
 CHECKPOINT_FORMAT = "medic_fast.train/1"
 SCHEDULES = ("cosine", "constant")
@@ -190,6 +191,18 @@ def distributed(module: nn.Module, device) -> nn.Module:
         module, device_ids=[device] if device.type == "cuda" else None)
 
 
+@contextmanager
+def seeded(seed: int):
+    """Run the block as after ``torch.manual_seed(seed)``, and restore afterwards every generator
+    that this reseeds: the CPU's and, once CUDA is initialised, every GPU's.
+    (``fork_rng(devices=[])`` or ``fork_rng(devices=[device])`` alone would leave the other GPUs
+    reseeded for good; a CUDA generator's state lives on the host, so forking it is cheap.)"""
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.manual_seed(seed)
+        yield
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2 ** 63)
 
@@ -250,23 +263,27 @@ def fit(net: nn.Module, loader, loss_fn: LossFn, *, epochs: int, lr: float,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=epochs * steps, initial=start * steps, desc=desc, unit="step")
-    devices = [device] if device.type == "cuda" else []
+    # Batches from pinned memory are copied without blocking the host (a stream-ordered copy; from
+    # pageable memory non_blocking changes nothing); never towards the CPU, where it would race.
+    non_blocking = device.type == "cuda"
     try:
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             set_epoch(loader, epoch)
             net.train()
             sums = names = None
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(_epoch_seed(seed, epoch))
+            with seeded(_epoch_seed(seed, epoch)):
                 for b, batch in enumerate(loader):
-                    x, y = batch[0].to(device), batch[1].to(device)
+                    x = batch[0].to(device, non_blocking=non_blocking)
+                    y = batch[1].to(device, non_blocking=non_blocking)
                     if augment is not None:
                         x = augment(x)
                     loss, parts = loss_fn(x, y)
-                    _check_finite(loss, epoch, b, steps, desc, checkpoint, world)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    # The one host sync of a step, after the backward is queued (a GPU runs it
+                    # while the host waits) and still before the update.
+                    _check_finite(loss, epoch, b, steps, desc, checkpoint, world)
                     opt.step()
                     sched.step()
                     names = list(parts)

@@ -1,5 +1,6 @@
 """Activation capture: outputs, inputs, tuple selection, in-place copies, and the teacher's
-gradients from one backward to the hooked tensors only."""
+gradients from one backward to the hooked tensors only (on each device: CUDA where there is a
+GPU, ``pytest -m cuda``)."""
 import copy
 
 import pytest
@@ -9,15 +10,20 @@ from torch import nn
 from medic_fast.capture import (ActivationCapture, default_layers, inplace_modified,
                                 resolve_layers, teacher_signals)
 from medic_fast.zoo import models
-from shared import double_backward_grads, frozen
+from shared import DEVICES, double_backward_grads, frozen
 
 torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("make,shape", [(lambda: models.DigitsCNN((4, 6, 8)), (5, 1, 8, 8)),
                                         (lambda: models.wrn16_1(), (3, 3, 8, 8)),
-                                        (lambda: models.MLP(3, 4, (8, 7, 6, 5)), (9, 3))])
-def test_teacher_signals_match_double_backward(make, shape):
+                                        (lambda: models.MLP(3, 4, (8, 7, 6, 5)), (9, 3))],
+                         ids=["digits_cnn", "wrn16_1", "mlp"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_teacher_signals_match_double_backward(device, make, shape, monkeypatch):
+    if device == "cuda":  # the same float32 convolutions in both computations (cuDNN allows TF32
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # and atomics by default)
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     torch.manual_seed(0)
     model = make()
     for m in model.modules():  # non-trivial BatchNorm statistics in eval mode
@@ -26,7 +32,8 @@ def test_teacher_signals_match_double_backward(make, shape):
             m.running_var.uniform_(0.5, 2.0)
     layers = default_layers(model) or [n for n, m in model.named_modules()
                                        if isinstance(m, (nn.Linear, nn.ReLU))]
-    x, y = torch.randn(shape), torch.randint(0, 4, (shape[0],))
+    model.to(device)
+    x, y = torch.randn(shape).to(device), torch.randint(0, 4, (shape[0],)).to(device)
     teacher = frozen(model)
     with ActivationCapture(teacher, layers, differentiable=True) as cap:
         acts, grads = teacher_signals(teacher, cap, x, y)
@@ -35,6 +42,7 @@ def test_teacher_signals_match_double_backward(make, shape):
     for a, g, ra, rg in zip(acts, grads, ref_acts, ref_grads):
         torch.testing.assert_close(a, ra)
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-7)
+        assert a.device == g.device == x.device
         assert not a.requires_grad and g.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
 

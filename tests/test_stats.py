@@ -1,5 +1,6 @@
 """Activation statistics: per channel and per neuron against torch on the whole data, rows by
-start_dim (a row per token for [B, T, H]), masks of padding."""
+start_dim (a row per token for [B, T, H]), masks of padding; on each device (CUDA where there is
+a GPU: ``pytest -m cuda``), from CPU data."""
 import copy
 import warnings
 
@@ -11,29 +12,46 @@ import medic_fast as mf
 from medic_fast.ops import importance_clone
 from medic_fast.stats import LayerStats
 from medic_fast.zoo import models
-from shared import digits, double_backward_grads
+from shared import DEVICES, digits, double_backward_grads
 
 torch.set_num_threads(1)
 
 
+def _exact_fp32(monkeypatch, device):
+    """No TF32 in cuDNN convolutions on CUDA (allowed by default), so CUDA statistics can be
+    held to the CPU's at float32 tolerances."""
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 @pytest.mark.parametrize("per", ["channel", "neuron"])
-def test_collect_stats_match_torch_on_full_data(per):
+@pytest.mark.parametrize("device", DEVICES)
+def test_collect_stats_match_torch_on_full_data(device, per, monkeypatch):
+    """Statistics of a model on ``device`` over CPU data (batches follow the model) against
+    torch on the whole data at once; on CUDA also against the CPU's statistics."""
+    _exact_fp32(monkeypatch, device)
     torch.manual_seed(0)
-    model = models.DigitsCNN((4, 6, 8))
+    model = models.DigitsCNN((4, 6, 8)).to(device)
     model.train()
     before = copy.deepcopy(model.state_dict())
     X, y = digits(203)
     layers = ["features.0", "features.4", "features.7"]
     stats = mf.collect_stats(model, (X, y), layers, per=per, batch_size=50)
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(t.device.type == device and t.dtype == torch.float32
+               for t in stats.mean + stats.std)
     ref = copy.deepcopy(model).eval()
-    acts, _ = double_backward_grads(ref, layers, X, y)
+    acts, _ = double_backward_grads(ref, layers, X.to(device), y.to(device))
     assert stats.layers == layers and stats.count == 203 and stats.per == per
     for a, mu, sd in zip(acts, stats.mean, stats.std):
         dims = [0, 2, 3] if per == "channel" else [0]
         rsd, rmu = torch.std_mean(a.double(), dims, correction=0)
         torch.testing.assert_close(mu, rmu.float(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sd, rsd.float(), rtol=1e-5, atol=1e-6)
+    if device != "cpu":
+        cpu = mf.collect_stats(copy.deepcopy(model).cpu(), (X, y), layers, per=per, batch_size=50)
+        for a, b in zip(stats.mean + stats.std, cpu.mean + cpu.std):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="per must be"):
         mf.collect_stats(model, (X, y), layers, per="row")
 
@@ -51,15 +69,18 @@ class _Tokens(nn.Module):
 
 
 @pytest.mark.parametrize("per", ["channel", "neuron"])
-def test_collect_stats_on_tokens_are_per_feature(per):
+@pytest.mark.parametrize("device", DEVICES)
+def test_collect_stats_on_tokens_are_per_feature(device, per):
     """[B, T, H] outputs: one statistic per hidden unit over all tokens (rows = [B, T]), also
-    for per="neuron"; with a mask, over the real tokens only."""
+    for per="neuron"; with a mask (computed on the model's device from its inputs), over the
+    real tokens only."""
     torch.manual_seed(0)
-    model = _Tokens()
+    model = _Tokens().to(device)
     X, y = torch.randn(37, 5, 4) * 2 + 1, torch.randint(3, (37,))
     stats = mf.collect_stats(model, (X, y), ["hidden"], per=per, batch_size=10)
+    assert stats.mean[0].device.type == device
     with torch.no_grad():
-        h = model.hidden(X).double()
+        h = model.hidden(X.to(device)).double()
     rsd, rmu = torch.std_mean(h.reshape(-1, 6), 0, correction=0)
     assert stats.mean[0].shape == (6,) and stats.count == 37
     torch.testing.assert_close(stats.mean[0], rmu.float(), rtol=1e-5, atol=1e-6)
@@ -72,7 +93,8 @@ def test_collect_stats_on_tokens_are_per_feature(per):
 
     masked = mf.collect_stats(model, (X, y), ["hidden"], per=per, mask_fn=real, batch_size=10)
     with torch.no_grad():
-        h = model.hidden(X).double()[real(X)]
+        Xd = X.to(device)
+        h = model.hidden(Xd).double()[real(Xd)]
     rsd, rmu = torch.std_mean(h, 0, correction=0)
     torch.testing.assert_close(masked.mean[0], rmu.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(masked.std[0], rsd.float(), rtol=1e-5, atol=1e-6)

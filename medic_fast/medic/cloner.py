@@ -74,7 +74,8 @@ class Cloner:
             submodules of the inner module.
         layers: module names to clone (conv/BN outputs, transformer blocks, attention, MLPs...).
         stats: :class:`~medic_fast.stats.LayerStats` of the teacher for ``layers``, from
-            :func:`~medic_fast.stats.collect_stats` (with the same ``start_dim`` and ``select``).
+            :func:`~medic_fast.stats.collect_stats` (with the same ``start_dim`` and ``select``),
+            on any device: they follow the activations (also models moved after construction).
         tau, lam, criterion: importance temperature, clone-loss weight, ``"abs"`` | ``"signed"``.
         start_dim: rows of the loss; ``None``: per layer, as
             :func:`~medic_fast.capture.rows_start_dim` (a row per token for 3-D outputs of
@@ -158,11 +159,23 @@ class Cloner:
                     "part without autograd; use use_reentrant=False (or unfreeze the student)")
         return ce, self._clone_loss(acts_t, acts_c, grads, mask)
 
+    def _stats_follow(self, acts: List[Tensor]) -> None:
+        """Keep each layer's statistics on its activations' device: the models may have been
+        moved (``.cuda()``) after the Cloner was built. A copy on the first step after a move;
+        nothing otherwise (a device comparison per layer, no sync)."""
+        st = self.stats
+        if all(m.device == a.device and s.device == a.device
+               for m, s, a in zip(st.mean, st.std, acts)):
+            return
+        self.stats = LayerStats(st.layers, [m.to(a.device) for m, a in zip(st.mean, acts)],
+                                [s.to(a.device) for s, a in zip(st.std, acts)], st.per, st.count)
+
     def _clone_loss(self, acts_t: List[Tensor], acts_c: List[Tensor], grads: List[Tensor],
                     mask: Optional[Tensor]) -> Tensor:
         """Sum of the layer losses: one fused call per group of layers with the same rows."""
         if mask is not None:
             mask = check_mask(mask, acts_t[0])
+        self._stats_follow(acts_t)
         groups: Dict[Tuple[int, bool], List[int]] = {}
         for i, (name, module, t) in enumerate(zip(self.layers, self._tcap.modules, acts_t)):
             sd = rows_start_dim(module, t, self.start_dim)

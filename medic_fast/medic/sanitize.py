@@ -24,7 +24,7 @@ from medic_fast.data import check_labels, first_batch, make_loader
 from medic_fast.medic.cloner import Cloner
 from medic_fast.ops.importance_clone import CRITERIA
 from medic_fast.stats import PER, LayerStats, collect_stats
-from medic_fast.train import check_trigger, distributed, fit, load_checkpoint
+from medic_fast.train import check_trigger, distributed, fit, load_checkpoint, seeded
 
 __all__ = ["Result", "sanitize", "finetune", "train_from_scratch"]
 
@@ -46,9 +46,9 @@ class Result:
 def _reinitialised(model: nn.Module, factory: Optional[Callable[[], nn.Module]],
                    seed: int) -> nn.Module:
     """A new model of the same architecture with every parameter re-initialised (seeded), or
-    ``factory()``; ``model`` itself is not touched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    ``factory()``; ``model`` itself is not touched, nor the caller's RNG state: the CPU's and
+    every GPU's are restored (a CUDA model re-initialises from the seeded CUDA generator)."""
+    with seeded(seed):
         if factory is not None:
             if not callable(factory):
                 raise TypeError(f"factory must be a callable returning a model, got "
@@ -84,7 +84,6 @@ def _check_common(epochs, lr, batch_size, weight_decay, seed, trigger, target, e
                          "eval_data=None")
 
 
-@torch.no_grad()
 @torch.no_grad()
 def _classes(model: nn.Module, x) -> int:
     """The number of classes of ``model``: the class dim of its logits on the batch ``x``."""

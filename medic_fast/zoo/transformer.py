@@ -150,7 +150,7 @@ class TokenTrigger(Attack):
             raise ValueError(f"X: some sequences have fewer than {k} real tokens, the pattern "
                              "does not fit")
         gen = torch.Generator().manual_seed(self.seed)
-        start = (torch.rand(X.shape[0], generator=gen) * (lengths - k + 1)).long()
+        start = (torch.rand(X.shape[0], generator=gen) * (lengths.cpu() - k + 1)).long()
         cols = (start[:, None] + torch.arange(k)).to(X.device)
         out = X.clone()
         out.scatter_(1, cols, self.pattern.to(X).expand(X.shape[0], k))

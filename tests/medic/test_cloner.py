@@ -1,5 +1,8 @@
 """Transformers: tuple capture, masked per-token statistics and loss, the Cloner training step
-(against a plain PyTorch reference, under autocast, checkpointing, DDP, torch.compile)."""
+(against a plain PyTorch reference, under autocast, checkpointing, DDP, torch.compile).
+
+The tests parametrised over ``device`` run on CUDA too where there is a GPU (``pytest -m cuda``):
+there ``backend="auto"`` is the Triton kernel."""
 import copy
 import gc
 import weakref
@@ -17,18 +20,32 @@ from medic_fast.medic.cloner import Cloner, masked_clone_loss
 from medic_fast.stats import collect_stats
 from medic_fast.zoo import datasets, models
 from medic_fast.zoo.transformer import (TinyTransformer, TokenTrigger, make_sequences,
-                                    padding_mask)
+                                        padding_mask)
+from shared import DEVICES
 
 LAYERS = ["blocks.0", "blocks.1.self_attn", "blocks.1.mlp"]
 
 
-def _models(seed=0, **kw):
+def _models(seed=0, device="cpu", **kw):
+    """Teacher (frozen, eval) and student, initialised on the CPU (the same weights on any
+    device), then moved to ``device``."""
     torch.manual_seed(seed)
     teacher = TinyTransformer(d_model=32, depth=2, heads=4, max_len=16, **kw)
     teacher.eval().requires_grad_(False)
     torch.manual_seed(seed + 1)
     student = TinyTransformer(d_model=32, depth=2, heads=4, max_len=16, **kw)
-    return teacher, student
+    return teacher.to(device), student.to(device)
+
+
+def _on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+def _exact_fp32(monkeypatch, device):
+    """No TF32 in cuDNN convolutions on CUDA (allowed by default), so CUDA results can be held
+    to float32 tolerances; the CPU is unaffected."""
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 @pytest.fixture(scope="module")
@@ -157,14 +174,20 @@ def _reference_loss(teacher, student, X, y, mask, stats, tau=5.0, lam=10.0):
     return total
 
 
-def test_cloner_gradients_equal_reference(data, stats):
-    X, y = data
-    teacher, student = _models()
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_cloner_gradients_equal_reference(data, stats, device, backend):
+    """The fused kernel of the device ("auto": C++ on the CPU, Triton on CUDA) and the reference
+    backend, against the loss written out in float64."""
+    X, y = _on(device, *data)
+    teacher, student = _models(device=device)
     mask = padding_mask(X)
-    cloner = Cloner(teacher, student, LAYERS, stats, tau=5.0, lam=10.0)
+    cloner = Cloner(teacher, student, LAYERS, stats, tau=5.0, lam=10.0, backend=backend)
     loss = cloner(X, y, mask)
+    assert loss.device == X.device
+    assert all(t.device == X.device for t in cloner.stats.mean + cloner.stats.std)
     grads = torch.autograd.grad(loss, list(student.parameters()))
-    ref = _reference_loss(teacher, student, X, y, mask, stats)
+    ref = _reference_loss(teacher, student, X, y, mask, cloner.stats)
     ref_grads = torch.autograd.grad(ref, list(student.parameters()))
     assert torch.allclose(loss.double(), ref, rtol=1e-4)
     for g, r in zip(grads, ref_grads):
@@ -173,14 +196,15 @@ def test_cloner_gradients_equal_reference(data, stats):
     assert not torch.allclose(cloner(X, y), loss, rtol=1e-3)
 
 
-def test_autocast_bf16(data, stats):
-    X, y = data
-    teacher, student = _models()
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_bf16(data, stats, device):
+    X, y = _on(device, *data)
+    teacher, student = _models(device=device)
     cloner = Cloner(teacher, student, LAYERS, stats)
     ref = cloner(X, y, padding_mask(X))
     seen = {}
     h = student.blocks[1].mlp.register_forward_hook(lambda m, i, o: seen.update(dt=o.dtype))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         loss = cloner(X, y, padding_mask(X))
     h.remove()
     assert seen["dt"] == torch.bfloat16
@@ -232,6 +256,26 @@ def test_two_training_steps_and_nothing_kept(data, stats):
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
     assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items())
     assert not teacher.training and not any(m._forward_hooks for m in student.modules())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cloner_follows_models_moved_after_construction(data, stats, device):
+    """A Cloner built with the models (and statistics) on the CPU keeps working after the models
+    move to ``device``: its statistics follow the activations, and the step gives the CPU's
+    gradients."""
+    X, y = data
+    teacher, student = _models()
+    cloner = Cloner(teacher, student, LAYERS, stats)
+    ref = torch.autograd.grad(cloner(X, y, padding_mask(X)), list(student.parameters()))
+    teacher.to(device)
+    student.to(device)
+    X, y = _on(device, X, y)
+    loss = cloner(X, y, padding_mask(X))
+    assert all(t.device == X.device for t in cloner.stats.mean + cloner.stats.std)
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+    for g, r in zip(grads, ref):
+        assert g.device == X.device
+        torch.testing.assert_close(g.cpu(), r, rtol=1e-3, atol=1e-5)
 
 
 def test_cloner_argument_errors(stats):
@@ -329,44 +373,54 @@ def _convnet(inplace: bool) -> nn.Module:
                          nn.ReLU(inplace=inplace), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
 
 
-def test_inplace_relu_after_batchnorm_under_cloner():
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_relu_after_batchnorm_under_cloner(device, monkeypatch):
     """BatchNorm followed by ReLU(inplace=True): the Cloner finds it and clones the BatchNorm's
-    own output, giving the loss and gradients of the same network without in-place ReLU."""
+    own output, giving the loss and gradients of the same network without in-place ReLU. The
+    statistics come from CPU data for a model on ``device``."""
+    _exact_fp32(monkeypatch, device)
     X, y = datasets.load_digits()
     X, y = X[:40], y[:40]
     losses, grads = [], []
     for inplace in (True, False):
-        teacher = _convnet(inplace).eval().requires_grad_(False)
-        student = _convnet(inplace)
+        teacher = _convnet(inplace).eval().requires_grad_(False).to(device)
+        student = _convnet(inplace).to(device)
         with torch.no_grad():
             for p in student.parameters():
                 p.mul_(0.5)
         stats = collect_stats(teacher, (X, y), ["0", "1"])
+        assert all(t.device.type == device for t in stats.mean + stats.std)
         cloner = Cloner(teacher, student, ["0", "1"], stats)
-        loss = cloner(X, y)
+        loss = cloner(*_on(device, X, y))
         losses.append(loss.detach())
         grads.append(torch.autograd.grad(loss, list(student.parameters())))
         if inplace:
             assert cloner.copy == ["1"]
-    torch.testing.assert_close(losses[0], losses[1])
+    tol = {} if device == "cpu" else dict(rtol=1e-4, atol=1e-6)  # cuDNN: atomics in backward
+    torch.testing.assert_close(losses[0], losses[1], **tol)
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, **tol)
 
 
-def test_sanitize_trains_on_the_cloner_loss():
+@pytest.mark.parametrize("device", DEVICES)
+def test_sanitize_trains_on_the_cloner_loss(device, monkeypatch):
     """One step of sanitize (the whole set is one batch) logs the loss a Cloner built by hand
-    gives on the same batch, with the same CE and clone parts."""
+    gives on the same batch, with the same CE and clone parts; for a model on ``device`` and CPU
+    data, the clone and the statistics are on the model's device."""
+    _exact_fp32(monkeypatch, device)
     X, y = datasets.load_digits()
     X, y = X[:64], y[:64]
     torch.manual_seed(0)
-    trojan = models.DigitsCNN((4, 6, 8))
+    trojan = models.DigitsCNN((4, 6, 8)).to(device)
     torch.manual_seed(1)
     init = models.DigitsCNN((4, 6, 8))
     r = medic_fast.sanitize(trojan, (X, y), epochs=1, batch_size=64, progress=False,
                             factory=lambda: copy.deepcopy(init))
+    assert all(t.device.type == device for t in [*r.model.parameters(), *r.model.buffers(),
+                                                 *r.stats.mean, *r.stats.std])
     teacher = copy.deepcopy(trojan).eval().requires_grad_(False)
-    cloner = Cloner(teacher, copy.deepcopy(init).train(), r.stats.layers, r.stats)
-    loss = cloner(X, y)
+    cloner = Cloner(teacher, copy.deepcopy(init).to(device).train(), r.stats.layers, r.stats)
+    loss = cloner(*_on(device, X, y))
     row = r.history[0]
     assert row["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
     assert row["ce"] == pytest.approx(float(cloner.last.ce), rel=1e-5)

@@ -1,5 +1,5 @@
 """MEDIC end to end: sanitize and the baselines, checkpoints and resume, the NaN stop, and
-2-process DDP."""
+2-process DDP; a short run on each device (CUDA where there is a GPU: ``pytest -m cuda``)."""
 import copy
 import math
 import os
@@ -14,6 +14,7 @@ import medic_fast as mf
 from medic_fast import data
 from medic_fast.capture import default_layers
 from medic_fast.zoo import attacks, datasets, models
+from shared import DEVICES, digits
 
 torch.set_num_threads(1)
 
@@ -159,6 +160,58 @@ def test_deterministic_given_seed(trojan):
     for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(v, w), k
     assert a.history[-1]["loss"] == b.history[-1]["loss"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sanitize_on_device_matches_cpu(device, tmp_path, monkeypatch):
+    """A few steps of sanitize for a model on ``device``, from CPU data, with evaluation, a
+    trigger and a checkpoint: the clone, its statistics and the batches follow the model's
+    device, the model and the caller's GPU RNG are left as they were, the run gives the CPU run's
+    losses, and resuming from the checkpoint (saved from the device, read onto the CPU) gives
+    the uninterrupted run."""
+    if device == "cuda":  # float32 convolutions as on the CPU; deterministic ones for the resume
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    X, y = digits(96, seed=1)
+    torch.manual_seed(0)
+    model = models.DigitsCNN((4, 6, 8))
+    torch.manual_seed(1)
+    init = models.DigitsCNN((4, 6, 8))
+    # one batch per epoch: the first epoch's loss is the untrained clone's, on any device
+    kw = dict(epochs=3, batch_size=96, seed=2, progress=False, eval_data=(X, y),
+              trigger=attacks.BadNets(size=3), target=0, factory=lambda: copy.deepcopy(init))
+    cpu = mf.sanitize(model, (X, y), **kw)
+    on = copy.deepcopy(model).to(device)
+    before = copy.deepcopy(on.state_dict())
+    gpu_rng = torch.cuda.get_rng_state() if device == "cuda" else None
+    run = mf.sanitize(on, (X, y), checkpoint=tmp_path / "state.pt", **kw)
+    if gpu_rng is not None:  # not reseeded for good by the clone's seeded initialisation
+        assert torch.equal(torch.cuda.get_rng_state(), gpu_rng)
+    assert all(torch.equal(v, on.state_dict()[k]) for k, v in before.items())
+    assert not run.model.training
+    assert all(t.device.type == device for t in [*run.model.parameters(), *run.model.buffers(),
+                                                 *run.stats.mean, *run.stats.std])
+    assert [set(h) for h in run.history] == [set(h) for h in cpu.history]
+    for k in ("loss", "ce", "clone"):
+        assert run.history[0][k] == pytest.approx(cpu.history[0][k], rel=1e-4), k
+        for h, c in zip(run.history[1:], cpu.history[1:]):
+            assert h[k] == pytest.approx(c[k], rel=1e-2), k
+    for h in run.history:
+        assert 0 <= h["acc"] <= 1 and 0 <= h["asr"] <= 1
+    for a, b in zip(run.stats.mean + run.stats.std, cpu.stats.mean + cpu.stats.std):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+    # interrupted after the first epoch, resumed from what the device wrote
+    path = tmp_path / "resumed.pt"
+    with pytest.raises(_Interrupt):
+        mf.sanitize(on, (X, y), checkpoint=path, **{**kw, "augment": _StopAfter(1)})
+    resumed = mf.sanitize(on, (X, y), checkpoint=path, resume=True,
+                          **{**kw, "augment": _StopAfter()})
+    for h, r in zip(run.history, resumed.history):
+        for k in ("loss", "ce", "clone", "acc", "asr"):
+            assert r[k] == pytest.approx(h[k], rel=1e-5), k
+    for (k, v), w in zip(run.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert w.device == v.device
+        torch.testing.assert_close(w, v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 # --------------------------------------------------------------------------------------------
