@@ -1,4 +1,4 @@
-// CLEAR's batched pocket search on the CPU (DESIGN.md §2): the CPU kernels of three ops of
+// CLEAR's batched pocket search on the CPU (DESIGN.md §2): the CPU kernels of the ops of
 // torch.ops.medic_fast, defined (schemas and fake kernels) in medic_fast/ops/pocket_search.py:
 //
 // pocket_search_mlp     the whole search for a head that is a stack of Linear (+ ReLU) layers.
@@ -11,6 +11,8 @@
 // pocket_step_update    after PyTorch back-propagated those gradients to the head's input: the
 //                       centroid and compactness terms, the SGD update, and compaction of the
 //                       active set (stopped problems are written to the outputs and leave).
+// pocket_search_mlp_smem  no tensors: the shared memory the CUDA whole-search kernel needs for a
+//                       head, by which pocket_search picks the whole search or the steps.
 //
 // Layout: a problem's k anchors and then its centroid are k+1 consecutive rows of D floats.
 #include <ATen/ATen.h>
@@ -391,6 +393,16 @@ std::tuple<at::Tensor, at::Tensor> pocket_step_update_cpu(
   return {next, next_idx};
 }
 
+// Bytes of shared memory the CUDA whole-search kernel needs per problem for a head of these
+// widths ([D, out_0, ..., out_{L-1}]), with a ReLU on its input or not, at k anchors; -1 when it
+// cannot take the head (more than kMaxLayers layers). The formula is mlp_search_smem
+// (pocket_search.h); this op gives it to pocket_search, which routes the heads that do not fit to
+// the per-step path. No tensor arguments: one kernel for every build, CUDA or not.
+int64_t pocket_search_mlp_smem(at::IntArrayRef widths, bool relu_in, int64_t k) {
+  return medic_fast::pocket::mlp_search_smem(widths.data(), static_cast<int64_t>(widths.size()) - 1,
+                                             relu_in, k);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(medic_fast, CPU, m) {
@@ -399,13 +411,21 @@ TORCH_LIBRARY_IMPL(medic_fast, CPU, m) {
   m.impl("pocket_step_update", &pocket_step_update_cpu);
 }
 
+TORCH_LIBRARY_IMPL(medic_fast, CompositeExplicitAutograd, m) {
+  m.impl("pocket_search_mlp_smem", &pocket_search_mlp_smem);
+}
+
 // ----------------------------------------------------------------------------------------------
 // CUDA tensors: only where the extension is built with CUDA (the build defines
 // MEDIC_FAST_WITH_CUDA and compiles pocket_search.cu). Tensor checks and allocation here, the
 // kernels in pocket_search.cu.
 // ----------------------------------------------------------------------------------------------
 #ifdef MEDIC_FAST_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+// The light c10/cuda headers and the CUDA runtime's alone: ATen/cuda/CUDAContext.h pulls in the
+// cuBLAS and cuSPARSE headers, which a plain CUDA toolkit may lack.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 
 namespace {
 
@@ -416,44 +436,95 @@ void cuda_ok(int err, const char* what) {
   TORCH_CHECK(err == 0, what, ": ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
-void* stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+// Each op first makes its tensors' device the current one (a CUDAGuard), so its kernels run there,
+// on that device's current stream (the caller's).
+void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// The device of a CUDA op: that of its first tensor, which must be a CUDA tensor (the dispatcher
+// sends an op here as soon as any of its tensors is on CUDA).
+at::Device op_device(const at::Tensor& first, const char* name, const char* op) {
+  TORCH_CHECK(first.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ",
+              first.device());
+  return first.device();
+}
+
+// Every other tensor must be on the same device: a host pointer (or another GPU's) in a kernel is
+// an illegal access, or a silent race.
+void check_on(const at::Tensor& t, const char* name, const at::Device& device, const char* op) {
+  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device,
+              " with the other tensors, got one on ", t.device());
+}
+
+// The range checks of the CPU ops, on the device, with one copy back: source and target classes
+// in [0, classes) and, when `idx` is defined, problem indices in [0, q). A class out of range would
+// index past a logit row (in shared memory, in the whole-search kernel).
+void check_ranges(const at::Tensor& source, const at::Tensor& target, int64_t classes,
+                  const at::Tensor& idx, int64_t q, const char* op) {
+  auto outside = [](const at::Tensor& t, int64_t n) {
+    return at::logical_or(t < 0, t >= n).any();
+  };
+  std::vector<at::Tensor> bad{outside(source, classes), outside(target, classes)};
+  if (idx.defined()) bad.push_back(outside(idx, q));
+  const at::Tensor host = at::stack(bad).cpu();
+  const bool* b = host.data_ptr<bool>();
+  TORCH_CHECK(!b[0] && !b[1], op, ": source and target classes must be in [0, ", classes, ")");
+  TORCH_CHECK(!idx.defined() || !b[2], op, ": problem index out of range [0, ", q, ")");
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pocket_search_mlp_cuda(
     const at::Tensor& anchors, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef relu, const at::Tensor& source, const at::Tensor& target, double alpha,
     double lr, int64_t steps, double lo, double hi, double margin) {
+  const char* op = "pocket_search_mlp";
+  const at::Device device = op_device(anchors, "anchors", op);
+  const c10::cuda::CUDAGuard guard(device);
   TORCH_CHECK(anchors.dim() == 3 && anchors.scalar_type() == at::kFloat,
               "anchors must be a float32 tensor [problems, k, D]");
-  const int64_t q = anchors.size(0), k = anchors.size(1), L = weights.size();
+  const int64_t q = anchors.size(0), k = anchors.size(1), D = anchors.size(2);
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(k >= 1 && D >= 1, "anchors must have k >= 1 and D >= 1");
+  TORCH_CHECK(steps >= 0, "steps must be >= 0");
   TORCH_CHECK(L >= 1 && L <= kMaxLayers && static_cast<int64_t>(biases.size()) == L &&
                   static_cast<int64_t>(relu.size()) == L + 1,
               "need 1 to ", kMaxLayers, " weights, as many biases and one more relu flag");
   check_problem_tensors(source, target, q);
+  check_on(source, "source", device, op);
+  check_on(target, "target", device, op);
   MlpParams p{};
   std::vector<at::Tensor> keep;
   p.layers = static_cast<int>(L);
-  p.width[0] = static_cast<int>(anchors.size(2));
+  p.width[0] = static_cast<int>(D);
   p.relu = relu[0] ? 1u : 0u;
   for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(weights[l].dim() == 2 && weights[l].size(1) == p.width[l] &&
-                    weights[l].scalar_type() == at::kFloat &&
-                    biases[l].numel() == weights[l].size(0),
-                "layer ", l, " has the wrong shape or dtype");
-    keep.push_back(weights[l].contiguous());
-    keep.push_back(weights[l].t().contiguous());
-    keep.push_back(biases[l].contiguous());
+    const at::Tensor& w = weights[l];
+    const at::Tensor& b = biases[l];
+    check_on(w, "every weight", device, op);
+    check_on(b, "every bias", device, op);
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.size(1) == p.width[l],
+                "weight ", l, " must be float32 [out, ", p.width[l], "]");
+    TORCH_CHECK(b.dim() == 1 && b.scalar_type() == at::kFloat && b.size(0) == w.size(0),
+                "bias ", l, " must be float32 [", w.size(0), "]");
+    keep.push_back(w.contiguous());
+    keep.push_back(w.t().contiguous());
+    keep.push_back(b.contiguous());
     p.w[l] = keep[keep.size() - 3].data_ptr<float>();
     p.wt[l] = keep[keep.size() - 2].data_ptr<float>();
     p.b[l] = keep.back().data_ptr<float>();
-    p.width[l + 1] = static_cast<int>(weights[l].size(0));
+    p.width[l + 1] = static_cast<int>(w.size(0));
     if (relu[l + 1]) p.relu |= 1u << (l + 1);
   }
-  const size_t smem = medic_fast::pocket::mlp_search_smem(p, static_cast<int>(k));
-  TORCH_CHECK(smem <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin,
-              "this head needs ", smem, " bytes of shared memory per problem, more than the GPU "
-              "has; the fused per-step path handles it (pass the head wrapped in a module that "
-              "is not a plain Linear/ReLU chain)");
+  const int64_t C = p.width[L];
+  TORCH_CHECK(C >= 2, "the head must output at least 2 classes");
+  const int64_t smem = medic_fast::pocket::mlp_search_smem(p, static_cast<int>(k));
+  int optin = 0;
+  cuda_ok(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index()),
+          "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  TORCH_CHECK(smem >= 0 && smem <= optin, op, ": this head needs ", smem,
+              " bytes of shared memory per problem, more than the ", optin, " that ", device,
+              " allows a block; pocket_search runs such heads on the per-step path "
+              "(pocket_step_logits / pocket_step_update)");
   const at::Tensor in = anchors.contiguous(), src = source.contiguous(), tgt = target.contiguous();
+  check_ranges(src, tgt, C, at::Tensor(), q, op);
   at::Tensor out = at::empty_like(in);
   at::Tensor status = at::empty({q}, in.options().dtype(at::kChar));
   at::Tensor stop = at::empty({q}, in.options().dtype(at::kLong));
@@ -464,29 +535,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pocket_search_mlp_cuda(
               static_cast<float>(margin),
               step_coef(static_cast<int>(k), static_cast<float>(alpha), static_cast<float>(lr)),
               stream()),
-          "pocket_search_mlp");
+          op);
   return {out, status, stop};
 }
 
 std::tuple<at::Tensor, at::Tensor> pocket_step_logits_cuda(
     const at::Tensor& logits, const at::Tensor& rows, const at::Tensor& idx,
     const at::Tensor& source, const at::Tensor& target, double lo, double hi, double margin) {
-  TORCH_CHECK(rows.dim() == 3 && rows.size(1) >= 2 && rows.scalar_type() == at::kFloat,
+  const char* op = "pocket_step_logits";
+  const at::Device device = op_device(logits, "logits", op);
+  const c10::cuda::CUDAGuard guard(device);
+  check_on(rows, "rows", device, op);
+  check_on(idx, "idx", device, op);
+  check_on(source, "source", device, op);
+  check_on(target, "target", device, op);
+  TORCH_CHECK(rows.dim() == 3 && rows.scalar_type() == at::kFloat,
               "rows must be float32 [active, k + 1, D]");
-  const int64_t n = rows.size(0), r = rows.size(1);
-  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == n * r && logits.scalar_type() == at::kFloat,
-              "logits must be float32 [", n * r, ", classes]");
+  const int64_t n = rows.size(0), r = rows.size(1), D = rows.size(2), k = r - 1;
+  TORCH_CHECK(k >= 1, "rows must hold k >= 1 anchors and a centroid");
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat &&
+                  logits.size(0) == n * r && logits.size(1) >= 2,
+              "logits must be float32 [", n * r, ", classes >= 2]");
+  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == n && idx.scalar_type() == at::kLong,
+              "idx must be int64 [active]");
   check_problem_tensors(source, target, source.size(0));
+  const int64_t C = logits.size(1);
   const at::Tensor z = logits.contiguous(), x = rows.contiguous(), ix = idx.contiguous();
+  const at::Tensor src = source.contiguous(), tgt = target.contiguous();
+  check_ranges(src, tgt, C, ix, src.size(0), op);
   at::Tensor g = at::empty_like(z);
   at::Tensor status = at::empty({n}, x.options().dtype(at::kChar));
   cuda_ok(medic_fast::pocket::launch_step_logits(
               z.data_ptr<float>(), x.data_ptr<float>(), ix.data_ptr<int64_t>(),
-              source.contiguous().data_ptr<int64_t>(), target.contiguous().data_ptr<int64_t>(),
-              g.data_ptr<float>(), status.data_ptr<int8_t>(), n, static_cast<int>(r - 1),
-              static_cast<int>(z.size(1)), x.size(2), static_cast<float>(lo),
-              static_cast<float>(hi), static_cast<float>(margin), stream()),
-          "pocket_step_logits");
+              src.data_ptr<int64_t>(), tgt.data_ptr<int64_t>(), g.data_ptr<float>(),
+              status.data_ptr<int8_t>(), n, static_cast<int>(k), static_cast<int>(C), D,
+              static_cast<float>(lo), static_cast<float>(hi), static_cast<float>(margin),
+              stream()),
+          op);
   return {g, status};
 }
 
@@ -494,17 +579,44 @@ std::tuple<at::Tensor, at::Tensor> pocket_step_update_cuda(
     const at::Tensor& rows, const std::optional<at::Tensor>& grads, const at::Tensor& status,
     const at::Tensor& idx, at::Tensor& anchors_out, at::Tensor& status_out, at::Tensor& stop_out,
     int64_t step, double alpha, double lr) {
-  TORCH_CHECK(rows.dim() == 3 && rows.size(1) >= 2 && rows.scalar_type() == at::kFloat,
-              "rows must be float32 [active, k + 1, D]");
-  TORCH_CHECK(anchors_out.is_contiguous() && status_out.is_contiguous() && stop_out.is_contiguous(),
-              "outputs must be contiguous");
-  const int64_t n = rows.size(0), r = rows.size(1), D = rows.size(2), k = r - 1;
+  const char* op = "pocket_step_update";
+  const at::Device device = op_device(rows, "rows", op);
+  const c10::cuda::CUDAGuard guard(device);
   const bool update = grads.has_value();
-  const at::Tensor x = rows.contiguous(), ix = idx.contiguous(), st = status.contiguous();
+  if (update) check_on(*grads, "grads", device, op);
+  check_on(status, "status", device, op);
+  check_on(idx, "idx", device, op);
+  check_on(anchors_out, "anchors_out", device, op);
+  check_on(status_out, "status_out", device, op);
+  check_on(stop_out, "stop_out", device, op);
+  TORCH_CHECK(rows.dim() == 3 && rows.scalar_type() == at::kFloat,
+              "rows must be float32 [active, k + 1, D]");
+  const int64_t n = rows.size(0), r = rows.size(1), D = rows.size(2), k = r - 1;
+  TORCH_CHECK(k >= 1, "rows must hold k >= 1 anchors and a centroid");
+  TORCH_CHECK(status.scalar_type() == at::kChar && status.numel() == n,
+              "status must be int8 [active]");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.numel() == n, "idx must be int64 [active]");
+  TORCH_CHECK(anchors_out.is_contiguous() && anchors_out.scalar_type() == at::kFloat &&
+                  anchors_out.dim() == 3 && anchors_out.size(1) == k && anchors_out.size(2) == D,
+              "anchors_out must be contiguous float32 [problems, k, D]");
+  const int64_t q = anchors_out.size(0);
+  TORCH_CHECK(status_out.is_contiguous() && status_out.scalar_type() == at::kChar &&
+                  status_out.numel() == q && stop_out.is_contiguous() &&
+                  stop_out.scalar_type() == at::kLong && stop_out.numel() == q,
+              "status_out must be int8 [problems] and stop_out int64 [problems]");
+  const at::Tensor x = rows.contiguous(), ix = idx.contiguous().view(-1);
+  const at::Tensor st = status.contiguous().view(-1);
   const at::Tensor gx = update ? grads->contiguous() : at::Tensor();
+  TORCH_CHECK(!update || (gx.sizes() == x.sizes() && gx.scalar_type() == at::kFloat),
+              "grads must be float32 with the shape of rows");
+  // Destination of each kept problem (an exclusive prefix count), -1 for those that leave; how
+  // many stay and how many indices are out of range come back in one copy.
   const at::Tensor keep = update ? (st == 0).to(at::kLong) : at::zeros({n}, ix.options());
   const at::Tensor dest = at::where(keep.to(at::kBool), keep.cumsum(0) - 1, -1);
-  const int64_t kept = keep.sum().item<int64_t>();
+  const at::Tensor counts =
+      at::stack({keep.sum(), at::logical_or(ix < 0, ix >= q).sum()}).cpu();
+  const int64_t kept = counts[0].item<int64_t>();
+  TORCH_CHECK(counts[1].item<int64_t>() == 0, op, ": problem index out of range [0, ", q, ")");
   at::Tensor next = at::empty({kept, r, D}, x.options());
   at::Tensor next_idx = at::empty({kept}, ix.options());
   cuda_ok(medic_fast::pocket::launch_step_update(
@@ -515,7 +627,7 @@ std::tuple<at::Tensor, at::Tensor> pocket_step_update_cuda(
               static_cast<int>(k), D, step,
               step_coef(static_cast<int>(k), static_cast<float>(alpha), static_cast<float>(lr)),
               stream()),
-          "pocket_step_update");
+          op);
   return {next, next_idx};
 }
 

@@ -191,8 +191,10 @@ int launch_mlp_search(const MlpParams& m, const float* anchors, const int64_t* s
                       const int64_t* target, float* out, int8_t* status, int64_t* stop, int64_t q,
                       int k, int64_t steps, float lo, float hi, float margin, StepCoef coef,
                       void* stream) {
-  const size_t smem = mlp_search_smem(m, k);
-  if (smem > 48 * 1024) {
+  const int64_t need = mlp_search_smem(m, k);
+  if (need < 0) return cudaErrorInvalidValue;
+  const size_t smem = static_cast<size_t>(need);
+  if (smem > 48 * 1024) {  // beyond the default: opt in (for the current device)
     const cudaError_t e = cudaFuncSetAttribute(
         mlp_search_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;

@@ -120,12 +120,24 @@ struct MlpParams {
   unsigned relu;
 };
 
-// Shared memory one problem needs in the whole-search kernel, in bytes.
-inline size_t mlp_search_smem(const MlpParams& m, int k) {
-  size_t floats = 0;
-  for (int l = 0; l <= m.layers; ++l) floats += 2 * static_cast<size_t>(m.width[l]);
-  if (m.relu & 1u) floats += m.width[0];
-  return floats * (k + 1) * sizeof(float);
+// Bytes of shared memory one problem (one block) of the whole-search kernel, mlp_search_kernel,
+// needs: for each of its k + 1 rows, every layer's input and the gradient w.r.t. it
+// (width[0..layers], the last being the logits), plus the input after its ReLU when relu_in:
+// (k + 1) * 4 * (2 * sum(width) [+ width[0]]). Or -1 when the kernel cannot take the head at all
+// (more than kMaxLayers layers). The one place of this formula: the launcher sizes the kernel with
+// it, the CUDA op checks it against the device, and pocket_search routes heads with it (through
+// the op pocket_search_mlp_smem).
+template <typename Int>
+inline int64_t mlp_search_smem(const Int* width, int64_t layers, bool relu_in, int64_t k) {
+  if (layers < 1 || layers > kMaxLayers || k < 1) return -1;
+  int64_t floats = 0;
+  for (int64_t l = 0; l <= layers; ++l) floats += 2 * static_cast<int64_t>(width[l]);
+  if (relu_in) floats += width[0];
+  return floats * (k + 1) * static_cast<int64_t>(sizeof(float));
+}
+
+inline int64_t mlp_search_smem(const MlpParams& m, int k) {
+  return mlp_search_smem(m.width, m.layers, (m.relu & 1u) != 0, k);
 }
 
 int launch_mlp_search(const MlpParams& m, const float* anchors, const int64_t* source,

@@ -2,10 +2,19 @@
 
 The extension is compiled with ninja the first time a fast CPU path needs it (one line on stderr
 says so) into a cache directory, or ahead of time with ``python -m medic_fast.build``. CPU sources
-are always built; ``.cu`` sources only where PyTorch itself has CUDA. It holds no op definitions,
-only CPU (and CUDA) kernels of the ops ``medic_fast.ops`` defines in ``torch.ops.medic_fast``; they
-register themselves when the library loads. If the build fails, :class:`ExtensionUnavailable`
-says why, ``backend="auto"`` falls back to the reference, and ``backend="reference"`` works.
+are always built; ``.cu`` sources only where PyTorch itself has CUDA, a CUDA toolkit is found and
+its ``nvcc`` has PyTorch's CUDA major version. It holds no op definitions, only CPU (and CUDA)
+kernels of the ops ``medic_fast.ops`` defines in ``torch.ops.medic_fast``; they register
+themselves when the library loads. If the build fails, :class:`ExtensionUnavailable` says why,
+``backend="auto"`` falls back to the reference, and ``backend="reference"`` works.
+
+The CUDA part never takes the CPU kernels down with it: when the ``.cu`` sources cannot be built
+(or are skipped), the CPU sources are built alone, in their own directory, and
+:func:`cuda_unavailable` keeps the reason (the compiler's, or the version mismatch) for the CUDA
+ops to report. With no GPU visible and no ``TORCH_CUDA_ARCH_LIST`` set (a build node), the CUDA
+kernels are built for :data:`DEFAULT_CUDA_ARCHS`; with one, for the visible GPUs (torch's
+default). ``MAX_JOBS`` sets how many compilers run at once (torch reads it; nothing here
+overrides it; :func:`build_jobs` tells what it is).
 
 One process at a time builds and loads, holding ``build.lock`` in the build directory: an
 ``flock``, which the OS drops when its holder dies, however it dies, so a killed build never
@@ -20,10 +29,13 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import socket
+import subprocess
 import sys
 import threading
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -33,11 +45,17 @@ try:
 except ImportError:  # Windows: torch's lock file alone guards the build, as before
     fcntl = None
 
-__all__ = ["ExtensionUnavailable", "load", "cache_dir", "build_dir", "source_dir", "sources"]
+__all__ = ["ExtensionUnavailable", "load", "cache_dir", "build_dir", "source_dir", "sources",
+           "cuda_unavailable", "build_jobs", "DEFAULT_CUDA_ARCHS"]
+
+# What the CUDA kernels are built for when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset:
+# A100 and H100 machine code, and PTX that later GPUs compile when they load it.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 _lock = threading.Lock()
 _loaded: str | None = None
 _failure: str | None = None
+_cuda_failure: str | None = None  # why the loaded extension has no CUDA kernels
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -53,9 +71,70 @@ def source_dir() -> Path:
 
 
 def _with_cuda() -> bool:
+    """Whether the build includes the ``.cu`` sources (see :func:`_cuda_plan`)."""
+    return _cuda_plan()[0]
+
+
+def _cuda_plan() -> tuple[bool, str]:
+    """Whether to build the CUDA kernels, and if not, why: PyTorch has no CUDA, no CUDA toolkit
+    is found, or its ``nvcc`` has another CUDA major version than PyTorch (structs such as
+    ``cudaDeviceProp`` change layout between majors, CUDA 13 for one: code built against one
+    major and run against the other reads them wrong)."""
     from torch.utils.cpp_extension import CUDA_HOME
 
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    if torch.version.cuda is None:
+        return False, f"this PyTorch ({torch.__version__}) is built without CUDA"
+    if CUDA_HOME is None:
+        return False, (f"PyTorch has CUDA {torch.version.cuda} but no CUDA toolkit was found "
+                       "(set CUDA_HOME to one with nvcc)")
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+    release = _nvcc_release(nvcc)
+    if release is None:
+        return False, f"could not read the CUDA version of {nvcc} (`{nvcc} --version`)"
+    if release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return False, (f"PyTorch is built with CUDA {torch.version.cuda} but {nvcc} is CUDA "
+                       f"{release}: the CUDA kernels need the same CUDA major version "
+                       "(cudaDeviceProp changed layout in CUDA 13); set CUDA_HOME to a CUDA "
+                       f"{torch.version.cuda.split('.')[0]}.x toolkit and rebuild")
+    return True, ""
+
+
+@lru_cache(maxsize=None)
+def _nvcc_release(nvcc: str) -> str | None:
+    """``"13.0"`` from ``nvcc --version`` ("Cuda compilation tools, release 13.0, V13.0.88")."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out.stdout)
+    return f"{found[1]}.{found[2]}" if found else None
+
+
+def _default_arch_list() -> str | None:
+    """The ``TORCH_CUDA_ARCH_LIST`` to build the CUDA kernels with when none (or ``native``) is
+    set and no GPU is visible, where torch's detection of the visible GPUs fails ("list index
+    out of range"): :data:`DEFAULT_CUDA_ARCHS`. None otherwise: the list set, or torch's default,
+    the visible GPUs."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST", "native") not in ("", "native"):
+        return None
+    return None if torch.cuda.device_count() > 0 else DEFAULT_CUDA_ARCHS
+
+
+def build_jobs() -> int | None:
+    """How many compilers the build runs at once: ``$MAX_JOBS``, which torch passes to ninja
+    (``ninja -j``); None when unset (or not a number, which torch ignores): ninja's default, one
+    more than the CPUs."""
+    value = os.environ.get("MAX_JOBS", "")
+    return int(value) if value.isdigit() else None
+
+
+def cuda_unavailable() -> str | None:
+    """Why the extension has no CUDA kernels: its CUDA build failed (the compiler's reason) or
+    was skipped (no CUDA in PyTorch, no toolkit, a CUDA version mismatch); None when it has
+    them. Loads the extension first (raising :class:`ExtensionUnavailable` if even its CPU part
+    cannot be built)."""
+    load()
+    return _cuda_failure
 
 
 def sources(with_cuda: bool | None = None) -> list[Path]:
@@ -90,9 +169,16 @@ def cache_dir() -> Path:
 
 
 def build_dir(with_cuda: bool | None = None) -> Path:
-    """The build directory in :func:`cache_dir`: ``cpu``, or ``cuda`` when CUDA is built."""
+    """The build directory in :func:`cache_dir`: ``cpu``, or ``cuda`` when CUDA is built (the
+    CPU-only build after a failed CUDA build goes to ``cpu``)."""
     with_cuda = _with_cuda() if with_cuda is None else with_cuda
     return cache_dir() / ("cuda" if with_cuda else "cpu")
+
+
+def _lib_name(with_cuda: bool) -> str:
+    """The library's name: one per build directory, so that a CPU-only build after a failed CUDA
+    build in the same process is not renamed by torch (it versions a reused name: ``_v1``)."""
+    return "medic_fast_C_cuda" if with_cuda else "medic_fast_C"
 
 
 def _cflags() -> list[str]:
@@ -137,20 +223,60 @@ def load(verbose: bool = False) -> str:
 
 
 def _build_and_load(verbose: bool) -> str:
+    """Build and load with CUDA when :func:`_cuda_plan` says so; if that fails, or CUDA is not
+    built, the CPU sources alone. Records why there are no CUDA kernels in ``_cuda_failure``."""
+    global _cuda_failure
+    with_cuda, why_not = _cuda_plan()
+    if with_cuda:
+        try:
+            return _build(True, verbose)
+        except ExtensionUnavailable:  # waiting for another build timed out: not a CUDA problem
+            raise
+        except Exception as e:  # nvcc or the CUDA glue failed: keep the CPU kernels
+            why_not = _cuda_build_error(e)
+            print(f"medic_fast: {why_not}\nmedic_fast: building the CPU kernels alone",
+                  file=sys.stderr)
+    _cuda_failure = why_not
+    return _build(False, verbose)
+
+
+def _cuda_build_error(e: Exception, max_lines: int = 12) -> str:
+    """One message for a failed CUDA build: what failed and the compiler's error lines (not the
+    compile commands, which torch's message puts on its first line, after the prefix)."""
+    text = re.sub(r"^(Error building extension '[^']*'): .*", r"\1", str(e), flags=re.MULTILINE)
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not re.match(r"\s*\[\d+/\d+\] ", line)]
+    errors = [line for line in lines if re.search(r"\berror\b", line, re.IGNORECASE)]
+    detail = "\n".join((errors or lines)[:max_lines])
+    return ("building the CUDA kernels of the medic_fast extension failed, so it has only its CPU "
+            f"kernels ({type(e).__name__}):\n{detail}\nFix the CUDA toolkit (CUDA_HOME, nvcc) and "
+            "rebuild with `python -m medic_fast.build`, or use backend=\"reference\" on CUDA "
+            "tensors.")
+
+
+def _build(with_cuda: bool, verbose: bool) -> str:
+    """Build (if needed) and load the extension, with or without its CUDA sources; the path of
+    the loaded library."""
     from torch.utils import cpp_extension
 
-    with_cuda = _with_cuda()
     srcs = sources(with_cuda)
     if not srcs:
         raise ExtensionUnavailable(f"no C++ sources found in {source_dir()}")
     bdir = build_dir(with_cuda)
     bdir.mkdir(parents=True, exist_ok=True)
-    lib = bdir / "medic_fast_C.so"
-    with _build_lock(bdir, _timeout()):
+    name = _lib_name(with_cuda)
+    lib = bdir / f"{name}.so"
+    arch = _default_arch_list() if with_cuda else None
+    with _build_lock(bdir, _timeout()), _env("TORCH_CUDA_ARCH_LIST", arch):
         if not lib.exists() or _stale(lib, srcs):
-            print(f"medic_fast: building the C++ extension in {bdir} (once)...", file=sys.stderr)
-        cpp_extension.load(
-            name="medic_fast_C",
+            jobs = build_jobs()
+            how = [f"{jobs} compilers at once (MAX_JOBS)"] if jobs else []
+            if arch:
+                how.append(f"no GPU visible: CUDA kernels for TORCH_CUDA_ARCH_LIST={arch}")
+            print(f"medic_fast: building the C++ extension in {bdir} (once)"
+                  + (f"; {'; '.join(how)}" if how else "") + "...", file=sys.stderr)
+        path = cpp_extension.load(
+            name=name,
             sources=[str(s) for s in srcs],
             extra_cflags=_cflags() + (["-DMEDIC_FAST_WITH_CUDA"] if with_cuda else []),
             extra_cuda_cflags=["-O3", "-lineinfo"],
@@ -161,7 +287,24 @@ def _build_and_load(verbose: bool) -> str:
             is_python_module=False,
             verbose=verbose,
         )
-    return str(lib)
+    return str(path) if isinstance(path, (str, os.PathLike)) else str(lib)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    """Inside, ``$name`` is ``value`` (unchanged when ``value`` is None); restored after."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _stale(lib: Path, srcs: list[Path]) -> bool:

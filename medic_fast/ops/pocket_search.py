@@ -16,6 +16,10 @@ by the extension (``csrc/pocket_search.cpp``, ``.cu``): ``pocket_search_mlp``, t
 for heads that are chains of Linear and ReLU layers, and for any other head a loop where PyTorch
 runs the head's forward and backward and ``pocket_step_logits`` / ``pocket_step_update`` do the
 rest of each step. They take float32 features; ``"auto"`` runs other dtypes on the reference.
+On CUDA the whole-search kernel keeps a problem's activations in shared memory: a Linear/ReLU
+head that needs more than the device allows a block (``pocket_search_mlp_smem``, against the
+device's opt-in limit), or has more layers than the kernel takes, runs the per-step loop instead.
+The labels go to the anchors' device; the head must be there already.
 """
 from __future__ import annotations
 
@@ -29,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from medic_fast import _extension
 from medic_fast.ops import _dispatch
 from medic_fast.reference import pocket_search as reference
 from medic_fast.reference.pocket_search import ABANDONED, ACTIVE, FOUND
 
-__all__ = ["pocket_search", "PocketResult", "mlp_layers"]
+__all__ = ["pocket_search", "PocketResult", "mlp_layers", "takes_whole_search", "smem_limit"]
 
 
 class PocketResult(NamedTuple):
@@ -103,6 +108,13 @@ def _(rows, grads, status, idx, anchors_out, status_out, stop_out, step, alpha, 
     return rows.new_empty(kept, *rows.shape[1:]), idx.new_empty(kept)
 
 
+torch.library.define(
+    "medic_fast::pocket_search_mlp_smem", "(int[] widths, bool relu_in, int k) -> int")
+# Bytes of shared memory per problem that pocket_search_mlp's CUDA kernel needs for a head of
+# widths [D, out_0, ..., out_{L-1}] (relu_in: a ReLU on its input) at k anchors; -1 when the
+# kernel cannot take the head at all (too many layers). The formula is csrc/pocket_search.h's.
+
+
 # --------------------------------------------------------------------------------------------
 # The public function
 # --------------------------------------------------------------------------------------------
@@ -129,7 +141,15 @@ def _check_head_mode(head: nn.Module) -> None:
                          "and randomise the problems")
 
 
+def _check_head_device(head: nn.Module, device: torch.device) -> None:
+    elsewhere = sorted({str(p.device) for p in head.parameters() if p.device != device})
+    if elsewhere:
+        raise ValueError(f"head has parameters on {', '.join(elsewhere)} but the anchors are on "
+                         f"{device}: move the head to the anchors' device (head.to('{device}'))")
+
+
 def _validate(anchors, head, source, target, alpha, lr, steps, lo, hi, margin, backend):
+    """The checked settings, and source and target as int64 on the anchors' device."""
     if not isinstance(anchors, Tensor):
         raise TypeError("anchors must be a Tensor [problems, k, *features], got "
                         f"{type(anchors).__name__}")
@@ -150,9 +170,13 @@ def _validate(anchors, head, source, target, alpha, lr, steps, lo, hi, margin, b
         if t.shape != (q,):
             raise ValueError(f"{name} must have shape ({q},) (one class per problem), got "
                              f"{tuple(t.shape)}")
+    # The kernels read the labels where the anchors are: a host pointer in a CUDA kernel is an
+    # illegal access.
+    source, target = source.to(anchors.device).long(), target.to(anchors.device).long()
     if bool((source == target).any()):
         raise ValueError("source and target must differ for every problem")
     _check_head_mode(head)
+    _check_head_device(head, anchors.device)
     alpha = _number("alpha", alpha, low=0.0)
     lr = _number("lr", lr, low=0.0, open_low=True)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -174,7 +198,7 @@ def _validate(anchors, head, source, target, alpha, lr, steps, lo, hi, margin, b
     for name, t in (("source", source), ("target", target)):
         if q and (int(t.min()) < 0 or int(t.max()) >= classes):
             raise ValueError(f"{name} classes must be in [0, {classes}) (the head's outputs)")
-    return alpha, lr, steps, lo, hi, margin
+    return source, target, (alpha, lr, steps, lo, hi, margin)
 
 
 def pocket_search(anchors: Tensor, head: nn.Module, source: Tensor, target: Tensor, *,
@@ -189,13 +213,17 @@ def pocket_search(anchors: Tensor, head: nn.Module, source: Tensor, target: Tens
     progress: on stderr, a bar over the steps with the number of problems still active, or,
     when the extension runs the whole search, a line before it and one after.
     """
-    alpha, lr, steps, lo, hi, margin = _validate(anchors, head, source, target, alpha, lr,
-                                                 steps, lo, hi, margin, backend)
+    source, target, settings = _validate(anchors, head, source, target, alpha, lr, steps, lo,
+                                         hi, margin, backend)
+    steps = settings[2]
     unsupported = ("" if anchors.dtype == torch.float32 else
                    f"its fused kernels take float32 anchors, these are {anchors.dtype}")
+    if backend == "cuda" and anchors.device.type == "cuda" and not unsupported:
+        why = _extension.cuda_unavailable()  # the compiler's reason, rather than a generic one
+        if why:
+            raise _extension.ExtensionUnavailable(why)
     backend = _dispatch.resolve("pocket_search", backend, anchors.device, unsupported=unsupported)
-    anchors, source, target = anchors.detach(), source.long(), target.long()
-    settings = (alpha, lr, steps, lo, hi, margin)
+    anchors = anchors.detach()
     mlp = None if backend == "reference" else _whole_search_layers(anchors, head)
     if mlp is not None:
         if progress:
@@ -232,9 +260,33 @@ def _step_bar(progress: bool, steps: int):
 def _whole_search_layers(anchors: Tensor, head: nn.Module):
     """:func:`mlp_layers` of ``head`` when the extension can run the whole search, else None."""
     mlp = mlp_layers(head) if anchors.dim() == 3 else None
-    if mlp is not None and all(w.dtype == torch.float32 for w in mlp[0] + mlp[1]):
+    if (mlp is not None and all(w.dtype == torch.float32 for w in mlp[0] + mlp[1])
+            and takes_whole_search(mlp, anchors.shape[1], smem_limit(anchors.device))):
         return mlp
     return None
+
+
+def smem_limit(device: torch.device) -> Optional[int]:
+    """Bytes of shared memory a block may opt in to on ``device`` (a CUDA device), or None where
+    the whole search has no such limit (the CPU)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))
+
+
+def takes_whole_search(mlp, k: int, limit: Optional[int]) -> bool:
+    """Whether the whole-search kernel runs the Linear/ReLU head ``mlp`` (:func:`mlp_layers`) at
+    ``k`` anchors per problem, where a block may have ``limit`` bytes of shared memory
+    (:func:`smem_limit`; None: no limit, the CPU kernel). On CUDA a problem's activations and
+    gradients must fit in that and the kernel takes at most 8 layers; other heads take the
+    per-step loop (:func:`_fused_steps`), which runs any head."""
+    if limit is None:
+        return True
+    weights, _, relu = mlp
+    widths = [int(weights[0].shape[1])] + [int(w.shape[0]) for w in weights]
+    need = torch.ops.medic_fast.pocket_search_mlp_smem(widths, bool(relu[0]), int(k))
+    return 0 <= need <= limit
 
 
 def _fused_steps(anchors, head, source, target, alpha, lr, steps, lo, hi, margin, on_step=None):

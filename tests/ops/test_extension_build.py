@@ -13,6 +13,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 
 from medic_fast import _extension
 
@@ -143,3 +144,197 @@ def test_a_stale_torch_lock_file_does_not_block(cache):
                          env=_env(cache), timeout=BUILD_S)
     assert "OK True" in out.stdout, out.stderr
     assert not (bdir / "lock").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The CUDA part of the build, decided without a CUDA build: the decision functions monkeypatched
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A module state with nothing loaded yet (restored after) and a cache of its own."""
+    monkeypatch.setattr(_extension, "_loaded", None)
+    monkeypatch.setattr(_extension, "_failure", None)
+    monkeypatch.setattr(_extension, "_cuda_failure", None)
+    monkeypatch.setenv("MEDIC_FAST_CACHE", str(tmp_path))
+
+
+def test_the_arch_list_defaults_only_where_no_gpu_is_visible(monkeypatch):
+    """A build node (CUDA torch, nvcc, no GPU): torch's detection of the visible GPUs fails
+    ("list index out of range"), so the CUDA kernels are built for DEFAULT_CUDA_ARCHS. With a
+    GPU, torch's default (the visible GPUs); a list that is set is kept."""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert _extension._default_arch_list() == _extension.DEFAULT_CUDA_ARCHS == "8.0;9.0+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "native")  # detection as well
+    assert _extension._default_arch_list() == "8.0;9.0+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    assert _extension._default_arch_list() is None
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _extension._default_arch_list() is None
+
+
+def test_cuda_is_built_only_with_a_toolkit_of_torchs_cuda_major_version(monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert _extension._cuda_plan() == (False, f"this PyTorch ({torch.__version__}) is built "
+                                              "without CUDA")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    build, why = _extension._cuda_plan()
+    assert not build and "PyTorch has CUDA 13.0 but no CUDA toolkit was found" in why
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/opt/cuda")
+    releases = {}
+    monkeypatch.setattr(_extension, "_nvcc_release", lambda nvcc: releases[nvcc])
+    releases["/opt/cuda/bin/nvcc"] = "13.0"
+    assert _extension._cuda_plan() == (True, "")
+    assert _extension._with_cuda()
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    build, why = _extension._cuda_plan()
+    assert not build and not _extension._with_cuda()
+    assert ("PyTorch is built with CUDA 12.8 but /opt/cuda/bin/nvcc is CUDA 13.0: the CUDA "
+            "kernels need the same CUDA major version (cudaDeviceProp changed layout in CUDA "
+            "13); set CUDA_HOME to a CUDA 12.x toolkit") in why
+    releases["/opt/cuda/bin/nvcc"] = None
+    assert _extension._cuda_plan() == (
+        False, "could not read the CUDA version of /opt/cuda/bin/nvcc "
+               "(`/opt/cuda/bin/nvcc --version`)")
+
+
+def test_the_nvcc_release_is_read_from_its_version_banner(tmp_path):
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+                    "echo 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    nvcc.chmod(0o755)
+    assert _extension._nvcc_release(str(nvcc)) == "12.4"
+    assert _extension._nvcc_release(str(tmp_path / "missing")) is None
+
+
+def test_max_jobs_sets_the_builds_parallelism_and_nothing_overrides_it(monkeypatch, fresh):
+    """``$MAX_JOBS`` reaches torch's build untouched (torch passes it to ninja -j); with no GPU
+    and no list set, the CUDA build gets the default arch list, only while it builds."""
+    from torch.utils import cpp_extension
+
+    seen = []
+
+    def fake_load(**kw):
+        seen.append((kw["name"], kw["with_cuda"], os.environ.get("MAX_JOBS"),
+                     os.environ.get("TORCH_CUDA_ARCH_LIST"), kw["extra_cflags"]))
+        return f"/built/{kw['name']}.so"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    assert _extension.build_jobs() is None
+    monkeypatch.setenv("MAX_JOBS", "x")
+    assert _extension.build_jobs() is None  # torch ignores it too
+    monkeypatch.setenv("MAX_JOBS", "3")
+    assert _extension.build_jobs() == 3
+    assert _extension._build(True, False) == "/built/medic_fast_C_cuda.so"
+    assert _extension._build(False, False) == "/built/medic_fast_C.so"
+    (cuda_name, cuda, jobs, arch, cflags), (cpu_name, cpu, jobs2, arch2, cflags2) = seen
+    assert (cuda_name, cuda, jobs, arch) == ("medic_fast_C_cuda", True, "3", "8.0;9.0+PTX")
+    assert "-DMEDIC_FAST_WITH_CUDA" in cflags
+    assert (cpu_name, cpu, jobs2, arch2) == ("medic_fast_C", False, "3", None)
+    assert "-DMEDIC_FAST_WITH_CUDA" not in cflags2
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ and os.environ["MAX_JOBS"] == "3"
+
+
+COMPILER_OUTPUT = """Error building extension 'medic_fast_C_cuda': [1/3] /usr/local/cuda/bin/nvcc \
+-DTORCH_EXTENSION_NAME=medic_fast_C_cuda -c pocket_search.cu -o pocket_search.cuda.o
+FAILED: pocket_search.cuda.o
+csrc/pocket_search.cu(42): error: identifier "planted" is undefined
+1 error detected in the compilation of "csrc/pocket_search.cu".
+ninja: build stopped: subcommand failed.
+"""
+
+
+def _fake_builds(monkeypatch, cuda_error=None, cpu_error=None):
+    """``_build`` replaced: the CUDA build raises ``cuda_error`` (if any), the CPU one
+    ``cpu_error``; returns the list of ``with_cuda`` of the builds tried."""
+    tried = []
+
+    def build(with_cuda, verbose):
+        tried.append(with_cuda)
+        error = cuda_error if with_cuda else cpu_error
+        if error is not None:
+            raise error
+        return f"/built/{'cuda' if with_cuda else 'cpu'}.so"
+
+    monkeypatch.setattr(_extension, "_build", build)
+    return tried
+
+
+def test_a_failed_cuda_build_leaves_the_cpu_kernels_and_its_reason(monkeypatch, fresh, capsys):
+    """nvcc fails: the CPU sources are built alone (so backend="auto" keeps its CPU kernels), and
+    cuda_unavailable() gives the compiler's error lines, not the g++ hint."""
+    monkeypatch.setattr(_extension, "_cuda_plan", lambda: (True, ""))
+    tried = _fake_builds(monkeypatch, cuda_error=RuntimeError(COMPILER_OUTPUT))
+    assert _extension.load() == "/built/cpu.so"
+    assert tried == [True, False]
+    why = _extension.cuda_unavailable()
+    assert why.startswith("building the CUDA kernels of the medic_fast extension failed, so it "
+                          "has only its CPU kernels (RuntimeError):\n")
+    assert 'csrc/pocket_search.cu(42): error: identifier "planted" is undefined' in why
+    assert "nvcc -DTORCH" not in why and "g++" not in why
+    assert "medic_fast: building the CPU kernels alone" in capsys.readouterr().err
+    assert _extension.load() == "/built/cpu.so" and tried == [True, False]  # once per process
+
+
+def test_a_cuda_build_that_works_has_no_reason(monkeypatch, fresh):
+    monkeypatch.setattr(_extension, "_cuda_plan", lambda: (True, ""))
+    tried = _fake_builds(monkeypatch)
+    assert _extension.load() == "/built/cuda.so" and tried == [True]
+    assert _extension.cuda_unavailable() is None
+
+
+def test_a_skipped_cuda_build_gives_its_reason(monkeypatch, fresh):
+    """A version mismatch (or no toolkit): only the CPU sources are built, and the CUDA ops say
+    why."""
+    mismatch = "PyTorch is built with CUDA 12.8 but /opt/cuda/bin/nvcc is CUDA 13.0: ..."
+    monkeypatch.setattr(_extension, "_cuda_plan", lambda: (False, mismatch))
+    tried = _fake_builds(monkeypatch)
+    assert _extension.load() == "/built/cpu.so" and tried == [False]
+    assert _extension.cuda_unavailable() == mismatch
+
+
+def test_a_failed_cpu_build_after_a_failed_cuda_build_is_the_error(monkeypatch, fresh):
+    monkeypatch.setattr(_extension, "_cuda_plan", lambda: (True, ""))
+    _fake_builds(monkeypatch, cuda_error=RuntimeError(COMPILER_OUTPUT),
+                 cpu_error=RuntimeError("Error building extension 'medic_fast_C'"))
+    with pytest.raises(_extension.ExtensionUnavailable,
+                       match="building the medic_fast C\\+\\+ extension failed: RuntimeError"):
+        _extension.load()
+    with pytest.raises(_extension.ExtensionUnavailable):
+        _extension.cuda_unavailable()
+
+
+def test_waiting_for_another_cuda_build_is_not_a_cuda_failure(monkeypatch, fresh):
+    """A timeout on the build lock is raised as it is: no CPU-only build behind it."""
+    monkeypatch.setattr(_extension, "_cuda_plan", lambda: (True, ""))
+    tried = _fake_builds(monkeypatch, cuda_error=_extension.ExtensionUnavailable("gave up"))
+    with pytest.raises(_extension.ExtensionUnavailable, match="gave up"):
+        _extension.load()
+    assert tried == [True]
+
+
+def test_a_real_failed_cuda_build_falls_back_to_the_cpu_build(cache):
+    """Through torch's real build: a CUDA build that cannot work (a CUDA toolkit that is not
+    there) is tried, fails, and the CPU ops still load and run; the CUDA reason is kept."""
+    code = LOAD_AND_RUN + textwrap.dedent("""
+        from medic_fast import _extension
+        print("CUDA", _extension.cuda_unavailable().splitlines()[0])
+    """)
+    code = ("import torch.utils.cpp_extension\n"
+            "torch.utils.cpp_extension.CUDA_HOME = '/nonexistent/cuda'\n"
+            "from medic_fast import _extension\n"
+            "_extension._cuda_plan = lambda: (True, '')\n") + code
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_env(cache), timeout=BUILD_S)
+    assert "OK True" in out.stdout, out.stderr
+    assert ("CUDA building the CUDA kernels of the medic_fast extension failed, so it has only "
+            "its CPU kernels") in out.stdout, out.stdout + out.stderr
+    assert "medic_fast: building the CPU kernels alone" in out.stderr
