@@ -18,8 +18,16 @@ load per 64 layers).
    With the gradient, each tile stores ``-2 * row_scale * w_i * r_i * inv_s_i`` where ``w`` are the
    weights of the row seen so far (normalised by the running sums, reduced per tile) and records
    its maxima and log-sums. These prefix gradients are never smaller than the final ones, so a
-   16-bit gradient underflows no earlier than when written once; an fp16 one can overflow early
-   only where the prefix holds a tiny share of the row's softmax mass.
+   16-bit gradient underflows no earlier than when written once. They can be much larger,
+   though: where the split's prefix holds a tiny share of the row's softmax mass (on a GPU a
+   split is often a single tile) its weights are near 1 instead of near 0, and such a tile could
+   overflow fp16 (65504) before the rescale brings it down. So an fp16 tile of a row that gets
+   rescaled is stored times ``2**-e`` (``e >= 0`` an integer that puts its largest value under
+   ``2**14``; ``e = 0`` unless it would come near the limit), and ``e`` is added to the tile's
+   recorded log-norm, which the rescale divides by. A power of two changes no rounding (but for
+   fp16 subnormals, values 2**27 below the tile's largest): the gradient is rounded as if the
+   tile had been stored unscaled, and nothing is stored beyond the tile record. (bf16 has the
+   exponent range of fp32: it cannot overflow before fp32 does.)
 2. ``_merge_kernel``, one program per (layer, block of rows): merges the splits of each row into
    ``loss_b = N / sqrt(Sa * Sq)`` at the row maxima, and keeps the row statistics for step 3.
 3. ``_rescale_kernel`` (gradient only, layers whose rows span several tiles): scales each tile of
@@ -28,8 +36,12 @@ load per 64 layers).
 
 Bytes per element (``E`` = bytes of the input dtype): the loss alone reads ``t, g, c`` (3E); loss
 and gradient read them and write ``dc`` once (4E) when rows fit in one tile, plus one read and one
-write of ``dc`` (6E) otherwise. The statistics (per channel or per neuron, shared by all rows)
-come from cache. Rows that start on 16 bytes use 16-byte loads and stores.
+write of ``dc`` (6E) otherwise, for every dtype (the fp16 scale lives in the tile record: 3
+accumulator words per tile, as without it). The statistics (per channel or per neuron, shared by
+all rows) come from cache. Rows that start on 16 bytes use 16-byte loads and stores.
+
+Host side, per launch group: one table built on the host and copied to the device without
+blocking it (pinned memory), launched on the tensors' device (see :func:`forward`).
 """
 from __future__ import annotations
 
@@ -241,12 +253,23 @@ def _partials_kernel(tab, ftab, part, tiles, n_layers, SIGNED: tl.constexpr,
         ma, mq = ma_new, mq_new
         if NEED_GRAD:
             ss = tl.sum(sa, 0) * tl.sum(sq, 0)
-            tl.store(dc_row + i, (grad_scale / tl.sqrt(ss) * w * r * inv).to(DTYPE), mask=mask)
+            d = grad_scale / tl.sqrt(ss) * w * r * inv
             if rescale:
+                log_norm = 0.5 * tl.log2(ss)
+                if DTYPE == tl.float16:
+                    # Keep the provisional tile below fp16's overflow: store it times 2**-e,
+                    # e >= 0 an integer putting its largest value under 2**14 (2**15 if log2 is
+                    # off by one), and fold e into the tile's log-norm, which the rescale
+                    # divides by. A power of two: values are rounded as if stored unscaled.
+                    top = tl.maximum(tl.max(tl.abs(d), 0), 1.0)
+                    e = tl.maximum(tl.floor(tl.log2(top)) - 13.0, 0.0)
+                    d = d * tl.exp2(-e)
+                    log_norm = log_norm + e
                 rec = tile_rec + tile * 3
                 tl.store(rec, ma)
                 tl.store(rec + 1, mq)
-                tl.store(rec + 2, 0.5 * tl.log2(ss))
+                tl.store(rec + 2, log_norm)
+            tl.store(dc_row + i, d.to(DTYPE), mask=mask)
 
     rec = part + (tl.load(lay + _COL.part_base) + j) * 5
     tl.store(rec, ma)
@@ -351,6 +374,28 @@ def _aligned(t: torch.Tensor, c: torch.Tensor, g: torch.Tensor) -> bool:
         x.data_ptr() % 16 == 0 and (x.stride(0) * size) % 16 == 0 for x in (t, c, g))
 
 
+def _upload(tab: list[Layer], ftab: list[LayerScalars], acc: torch.dtype,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int64 and float layer tables on ``device``, in one copy that does not block the host.
+
+    Both go into one host buffer (the float rows as the bytes of int64 words); for CUDA it is
+    pinned and copied with ``non_blocking=True``: the CPU runs on while the copy is queued on the
+    current stream, ahead of the launches that read it (torch's pinned-memory allocator keeps the
+    buffer until the copy has run). This copy is why the op refuses CUDA-graph capture (see
+    :func:`forward`).
+    """
+    n = len(tab) * len(Layer._fields)
+    start = n + n % 2  # the float rows start on 16 bytes, as the kernels are compiled for
+    words = -(-len(ftab) * len(LayerScalars._fields) * acc.itemsize // 8)
+    cuda = device.type == "cuda"
+    host = torch.empty(start + words, dtype=torch.int64, pin_memory=cuda)
+    host[:n] = torch.tensor(tab, dtype=torch.int64).view(-1)
+    floats = torch.tensor(ftab, dtype=acc).view(-1)
+    host[start:].view(acc)[:floats.numel()] = floats
+    table = host.to(device, non_blocking=True) if cuda else host
+    return table[:n], table[start:].view(acc)
+
+
 def _launch_group(idx, aligned, t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale,
                   reduce_rows, dc):
     """Run the layers ``idx`` (one dtype and alignment); return their per-row losses."""
@@ -389,8 +434,7 @@ def _launch_group(idx, aligned, t, c, g, mu, inv_s, tau_s, inner, tau, signed, r
         n_tile += rows * ntiles if rescale else 0
         programs = (rows * nsplit, triton.cdiv(rows, MERGE_ROWS), rows * nsplit if rescale else 0)
         first = [f + p for f, p in zip(first, programs)]
-    tab = torch.tensor(tab, dtype=torch.int64).to(device)
-    ftab = torch.tensor(ftab, dtype=acc).to(device)
+    tab, ftab = _upload(tab, ftab, acc, device)
     part = torch.empty(n_part * 5, dtype=acc, device=device)
     loss = torch.empty(n_row, dtype=acc, device=device)
     rowstat = torch.empty(max(n_row * 3 if n_tile else 0, 1), dtype=acc, device=device)
@@ -414,7 +458,28 @@ def forward(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_row
     scalar ``sum_l row_scale[l] * sum_b loss_lb`` when ``reduce_rows``, else ``sum_l loss_lb`` per
     row) and, when ``need_grad``, ``row_scale[l] * d loss_l / d c[l]`` per layer (else ``[]``).
     One grouped launch per stage for the layers of each (dtype, alignment).
+
+    Every tensor is on one device (the op's validation sees to it). Triton launches on the current
+    CUDA device and its current stream, so the launches run with the tensors' device made current.
+    Not capturable in a CUDA graph: each call copies its layer tables from (pinned) host memory,
+    which a replayed graph would read again, stale; capture raises instead. (The op is tagged
+    ``cudagraph_unsafe``, so ``torch.compile(mode="reduce-overhead")`` leaves it out of its graphs.)
     """
+    device = t[0].device
+    if device.type != "cuda":
+        return _forward(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_rows,
+                        need_grad)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("medic_fast::importance_clone_loss cannot be captured in a CUDA graph: "
+                           "each call copies its launch tables from host memory, which a replay "
+                           "would not refresh. Run it outside the captured region (torch.compile "
+                           "with mode='reduce-overhead' does so by itself).")
+    with torch.cuda.device(device):
+        return _forward(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_rows,
+                        need_grad)
+
+
+def _forward(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_rows, need_grad):
     dc = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in c] if need_grad else []
     groups: dict[tuple[torch.dtype, bool], list[int]] = {}
     for li, x in enumerate(t):

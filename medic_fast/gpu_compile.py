@@ -9,6 +9,7 @@ the compiles run in spawned processes. A part whose compiler is missing is skipp
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing
 import os
@@ -17,6 +18,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -82,6 +84,20 @@ def _worker_init():
     os.environ.pop("TRITON_INTERPRET", None)
 
 
+@contextlib.contextmanager
+def _no_interpreter():
+    """Inside, ``$TRITON_INTERPRET`` is unset (restored after). Spawned workers inherit the
+    environment and import Triton (through the main module and torch) before their initializer
+    runs: with the variable set, Triton's own ``@jit`` helpers would be defined interpreted, and
+    compiling then fails (Triton 3.6: an assert in gluon's ``_standard.py``)."""
+    before = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if before is not None:
+            os.environ["TRITON_INTERPRET"] = before
+
+
 def _triton_jobs(archs) -> tuple[list[tuple], list[dict]]:
     """(In a worker.) The ``(module, variant index, arch)`` compiles of every kernel module, and
     a failure record for each module that does not import and each ``*_kernel`` not listed."""
@@ -135,8 +151,12 @@ def _compile_triton(module_name: str, index: int, arch: int) -> list[dict]:
                                  check=True).stderr
         (usage,) = [u for u in parse_ptxas(log) if u["entry"]]
     except Exception as e:  # report every variant, fail at the end
-        detail = getattr(e, "stderr", None) or e
-        return [_record("triton", name, arch, variant, problem=f"FAILED: {detail}")]
+        detail = (getattr(e, "stderr", None) or str(e)).strip()
+        if not detail:  # a bare assert in the compiler: say where it was
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            detail = f"at {frame.filename}:{frame.lineno}: {frame.line}"
+        return [_record("triton", name, arch, variant,
+                        problem=f"FAILED: {type(e).__name__}: {detail}")]
     usage["shared"] += compiled.metadata.shared  # Triton's shared memory is dynamic
     return [_record("triton", name, arch, variant, usage)]
 
@@ -187,7 +207,8 @@ def check(kinds=KINDS, archs=ARCHS, log=print) -> list[dict]:
         kinds.discard("triton")
     records, futures = [], []
     spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(os.cpu_count(), mp_context=spawn, initializer=_worker_init) as pool:
+    with _no_interpreter(), ProcessPoolExecutor(os.cpu_count(), mp_context=spawn,
+                                                initializer=_worker_init) as pool:
         if "cuda" in kinds:
             futures += [pool.submit(_compile_cuda, str(cu), arch) for cu in
                         sorted(_extension.source_dir().glob("*.cu")) for arch in archs]

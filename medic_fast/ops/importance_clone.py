@@ -62,7 +62,8 @@ def _check_options(tau, criterion, eps, reduction, backend):
     _dispatch.check("importance_clone_loss", backend)
 
 
-def _check_tensor(name: str, x, like: Optional[Tensor] = None) -> None:
+def _check_tensor(name: str, x, like: Optional[Tuple[str, Tensor]] = None) -> None:
+    """``like``: ``(its name, a tensor)`` whose device ``x`` must be on."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -70,15 +71,17 @@ def _check_tensor(name: str, x, like: Optional[Tensor] = None) -> None:
                         f"float64), got {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    if like is not None and x.device != like.device:
-        raise ValueError(f"{name} is on {x.device} but acts_t is on {like.device}; "
-                         "all tensors must be on one device")
+    if like is not None and x.device != like[1].device:
+        raise ValueError(f"{name} is on {x.device} but {like[0]} is on {like[1].device}; all "
+                         "tensors (of every layer, statistics included) must be on one device")
 
 
-def _check_stat(name: str, stat, t: Tensor, start_dim: int) -> None:
+def _check_stat(name: str, stat, t: Tuple[str, Tensor], start_dim: int) -> None:
+    """``t``: ``(its name, the layer's acts_t)``."""
     if stat is None:
         return
     _check_tensor(name, stat, t)
+    t = t[1]
     feat = t.shape[start_dim:]
     if stat.dim() == 1 and stat.shape[0] == feat[0]:
         return
@@ -137,18 +140,20 @@ def _validate(acts_t, acts_c, grads, mean, std, start_dim, reduction):
         if len(lst) != n:
             raise ValueError(f"{name} has {len(lst)} layers but acts_t has {n}")
     layers, dims = [], []
+    first = None  # ("acts_t (layer 0)", its tensor): every layer's device
     for i, (t, c, g, mu, sd) in enumerate(zip(ts, cs, gs, means, stds)):
         sfx = f" (layer {i})" if n > 1 else ""
-        _check_tensor("acts_t" + sfx, t)
-        _check_tensor("acts_c" + sfx, c, t)
-        _check_tensor("grads" + sfx, g, t)
+        _check_tensor("acts_t" + sfx, t, first)
+        first = first or ("acts_t" + sfx, t)
+        _check_tensor("acts_c" + sfx, c, ("acts_t" + sfx, t))
+        _check_tensor("grads" + sfx, g, ("acts_t" + sfx, t))
         for name, x in (("acts_c", c), ("grads", g)):
             if x.shape != t.shape:
                 raise ValueError(f"{name}{sfx} has shape {tuple(x.shape)} but acts_t has shape "
                                  f"{tuple(t.shape)}")
         d = _normalize_start_dim(start_dim, t.dim(), "acts_t" + sfx)
-        _check_stat("mean" + sfx, mu, t, d)
-        _check_stat("std" + sfx, sd, t, d)
+        _check_stat("mean" + sfx, mu, ("acts_t" + sfx, t), d)
+        _check_stat("std" + sfx, sd, ("acts_t" + sfx, t), d)
         if sd is not None and sd.device.type == "cpu" and _plain_eager(sd):
             check_std("std" + sfx, sd)
         layers.append((t, c, g, mu, sd))
@@ -195,8 +200,16 @@ def _stats_arrays(t: Tensor, mean, std, start_dim: int, tau: float, eps: float, 
 # The fused custom op
 # --------------------------------------------------------------------------------------------
 
+# The CUDA kernel copies its launch tables from host memory at each call, which a CUDA graph would
+# replay stale: the tag makes Inductor keep the op out of its CUDA graphs
+# (torch.compile(mode="reduce-overhead") splits the graph around it, or runs it without graphs),
+# and the kernel refuses a capture of its own (kernels/importance_clone.py, forward). The tag
+# exists in every supported torch (>= 2.11); getattr keeps an older one importable.
+_TAGS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
+
+
 @torch.library.custom_op("medic_fast::importance_clone_loss", mutates_args=(),
-                         device_types="cuda")
+                         device_types="cuda", tags=_TAGS)
 def _fused_loss(t: List[Tensor], c: List[Tensor], g: List[Tensor], mu: List[Tensor],
                 inv_s: List[Tensor], tau_s: List[Tensor], inner: List[int], tau: float,
                 signed: bool, row_scale: List[float], reduce_rows: bool,
@@ -210,8 +223,9 @@ def _fused_loss(t: List[Tensor], c: List[Tensor], g: List[Tensor], mu: List[Tens
     scalar ``sum_l row_scale[l] * sum_b loss_lb``, in ``c``'s dtype. The op's backward takes
     that gradient over and scales it in place: read the second output before any backward.
 
-    This function is the op's CUDA kernel (Triton). Its CPU kernel is the C++ extension's,
-    registered when :mod:`medic_fast._extension` loads it (the resolver does, for "cpp").
+    This function is the op's CUDA kernel (Triton), run on the tensors' device. Its CPU kernel is
+    the C++ extension's, registered when :mod:`medic_fast._extension` loads it (the resolver
+    does, for "cpp"). Tagged ``cudagraph_unsafe`` (see ``_TAGS``).
     """
     from medic_fast.kernels import importance_clone  # Triton, imported on first use
 
@@ -283,7 +297,9 @@ def _backward(ctx, grad_loss, _grad_dc):
     Traced, it multiplies out of place, as a graph must (Inductor fuses it into one pass).
     With ``create_graph=True`` (grad mode on here) it is recomputed from the saved inputs in plain
     PyTorch, so higher-order gradients are exact. (A compiled graph's backward is traced without
-    grad mode; AOTAutograd then refuses double backward with an error.)
+    grad mode, so it is first-order only, as for any compiled function: AOTAutograd refuses
+    double backward with an error in torch 2.13; in torch 2.11 the gradient comes back not
+    requiring grad.)
     """
     n = ctx.n_layers
     saved = ctx.saved_tensors

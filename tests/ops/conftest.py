@@ -1,10 +1,13 @@
-"""Running every fused kernel of the ops on this CPU-only machine.
+"""Running every fused kernel of the ops, with or without a GPU.
 
 CPU tensors dispatch ``medic_fast::importance_clone_loss`` to its C++ kernel, and ``"triton"``
-is refused for them. Triton's interpreter (``TRITON_INTERPRET=1``, set in ``tests/conftest.py``)
-runs the Triton kernels on CPU tensors, though, so for the tests the Triton launcher can stand in
-as the op's CPU kernel: the Triton path then runs through the real op, with its autograd, fake
-and compile support, and the library needs no special case for the interpreter.
+is refused for them. Where there is no GPU, Triton's interpreter (``TRITON_INTERPRET=1``, set in
+``tests/conftest.py``) runs the Triton kernels on CPU tensors, though, so for the tests the Triton
+launcher can stand in as the op's CPU kernel: the Triton path then runs through the real op, with
+its autograd, fake and compile support, and the library needs no special case for the
+interpreter. Where there is a GPU, Triton compiles for it instead: the CUDA cases of
+``device_backends`` (test_importance_clone.py) run the op on CUDA tensors, and the interpreter
+cases are skipped.
 """
 import contextlib
 import warnings
@@ -13,6 +16,9 @@ import pytest
 import torch
 
 from medic_fast import _extension
+
+INTERPRETER_SKIP = ("Triton compiles for the GPU here: its interpreter runs the kernels on CPU "
+                    "tensors only where there is no GPU (the cuda cases run them)")
 
 
 @contextlib.contextmanager
@@ -37,12 +43,21 @@ def triton_as_cpu_kernel():
 
 
 @pytest.fixture
-def backend_arg(backend):
-    """The ``backend=`` that runs the parametrised ``backend`` on CPU tensors: the name itself,
-    except ``"triton"``, which runs as the op's CPU kernel and so is named ``"cpp"``."""
-    if backend == "reference":
+def device():
+    """The tensors' device of a test that is not parametrised over devices."""
+    return "cpu"
+
+
+@pytest.fixture
+def backend_arg(backend, device):
+    """The ``backend=`` that runs the parametrised ``backend`` on ``device``: the name itself,
+    except ``"triton"`` on CPU tensors, which runs as the op's CPU kernel (the interpreter) and so
+    is named ``"cpp"``; skipped where there is a GPU."""
+    if backend == "reference" or device != "cpu":
         yield backend
     elif backend == "triton":
+        if torch.cuda.is_available():
+            pytest.skip(INTERPRETER_SKIP)
         with triton_as_cpu_kernel():
             yield "cpp"
     else:

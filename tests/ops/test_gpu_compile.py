@@ -114,9 +114,11 @@ def test_parse_triton_ptxas_output():
 @pytest.fixture(scope="module")
 def check(tmp_path_factory):
     """Run ``python -m medic_fast.build --check-gpu --json PATH`` once: (returncode, output,
-    records)."""
+    records). In this process's environment (``TRITON_INTERPRET=1`` where there is no GPU: the
+    check must compile all the same), with an empty Triton cache, so that every kernel really
+    compiles (a cached kernel skips Triton's front end)."""
     path = tmp_path_factory.mktemp("gpu") / "records.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton-cache")))
     proc = subprocess.run([sys.executable, "-m", "medic_fast.build", "--check-gpu", "--json",
                            str(path)], env=env, capture_output=True, text=True, timeout=900)
     return proc.returncode, proc.stdout + proc.stderr, json.loads(path.read_text())
