@@ -1,16 +1,33 @@
 // The fused importance clone loss of MEDIC on CPU tensors (DESIGN.md §1).
 //
-// One pass over each row's data: a row is cut into chunks of kChunk neurons; for each chunk,
-// pass 1 computes a = tau*D((t-mu)/s), q = tau*s*g, r = (t-c)/s and r/s into a small scratch
-// (L1-resident) and the chunk maxima, pass 2 evaluates h_a = exp((a-ma)/2), h_q = exp((q-mq)/2)
-// (2 exponentials per neuron, as a lean 2^x: softmax(a)_i ~ h_a^2, and w_i ~ h_a*h_q needs no
-// square root),
-// accumulates S_a, S_q and N = sum h_a h_q r^2, and writes the unnormalised gradient h_a h_q r/s.
+// One pass over each row's data. A row is cut into chunks of kChunk neurons, and each chunk is
+// read once: for each neuron, a' = tau*D((t-mu)/s)*log2(e)/2 and q' = tau*s*g*log2(e)/2 are taken
+// relative to the chunk's references (ra, rq), h_a = 2^(a'-ra), h_q = 2^(q'-rq) (2 exponentials
+// per neuron: softmax(a)_i ~ h_a^2, and w_i ~ h_a h_q needs no square root), and the chunk
+// accumulates S_a = sum h_a^2, S_q = sum h_q^2, N = sum h_a h_q r^2 and writes the provisional
+// gradient h_a h_q r/s. The references are the running maxima of a' and q' over the row's earlier
+// chunks (for the first chunk, its own maxima from a light pre-pass over t and g), so h <= 1 but
+// for a new maximum; a chunk whose values exceed its references by more than kSlack
+// (h > 2^kSlack) is redone at once against its own maxima, so every h stays below 2^kSlack. (The
+// references play the part of the Triton kernel's per-lane running maxima with online rescaling:
+// no pass over a chunk's scratch to find its maxima first, and no rescaling inside the loop.)
 // At the end of the row the chunks merge (log-sum-exp style) into the loss and one factor per
-// chunk, which rescales the row's gradient while it is still in cache.
+// chunk.
 //
-// Parallelism: whole rows per task when there are enough rows; otherwise chunks of a row run in
-// parallel and a second parallel pass rescales the gradient.
+// Memory: with the gradient, a row's provisional gradient goes to a per-thread fp32 scratch row
+// (L2-resident for rows of up to kScratchMax neurons), and its final value (scratch times the
+// chunk's factor) is written with streaming stores during the next row's pass, one vector per
+// vector, so that the writes overlap the reads and the arithmetic; the inputs are software-
+// prefetched. So t, c, g are read once and the gradient written once (the floor: 4 values per
+// neuron), and a 16-bit gradient is only ever written in its final, normalised value. Without
+// the scratch (longer rows, or few rows split across threads) the provisional gradient goes into
+// the gradient buffer and is rescaled in place; float16 chunks are then stored with a power-of-
+// two scale that puts their largest value near 2^14, so a provisional value cannot overflow
+// where the final one does not. The gradients of all layers are parts of one block, kept for
+// the next call when freed (empty_outputs).
+//
+// Parallelism: whole rows per task when there are enough rows; otherwise runs of chunks of a row
+// in parallel, then a parallel in-place rescale of the gradient.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -19,10 +36,17 @@
 
 #include <sys/mman.h>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -30,8 +54,58 @@ namespace medic_fast {
 namespace {
 
 constexpr int64_t kChunk = 1024;
+// A chunk may exceed its references by this much (log2 units of h) before it is redone.
+constexpr double kSlack = 8;
+// Rows up to this many neurons keep their provisional gradient in a per-thread scratch row.
+constexpr int64_t kScratchMax = int64_t(1) << 18;
+// Software prefetch distance on the input streams (measured: 1.5-3 KiB ahead are equally good
+// at rows=64 fp32, 1 thread, and ~10% faster than the hardware prefetchers alone).
+constexpr int64_t kPrefetchBytes = 2048;
 
 using at::vec::Vectorized;
+
+// 2^x in fp32, for x <= kSlack (the chunk references guarantee it where the result is used):
+// 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2, 2^f by a degree-5 polynomial (relative error
+// 8e-8, below fp32 rounding of the sums it feeds). With AVX-512, vscalefps applies 2^n and
+// flushes very negative x to 0 by itself; otherwise x is clamped at -125, where 2^x is already
+// negligible next to a reference's 2^0 = 1.
+inline Vectorized<float> exp2_fast(Vectorized<float> x) {
+  using V = Vectorized<float>;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 v = x;
+  const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(v, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.0013266980f), f, _mm512_set1_ps(0.0096754694f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055507427f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022122f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314695f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001f));
+  return V(_mm512_scalef_ps(p, n));
+#else
+  x = at::vec::maximum(x, V(-125.f));
+  const V n = x.round();
+  const V f = x - n;
+  V p = at::vec::fmadd(V(0.0013266980f), f, V(0.0096754694f));
+  p = at::vec::fmadd(p, f, V(0.055507427f));
+  p = at::vec::fmadd(p, f, V(0.24022122f));
+  p = at::vec::fmadd(p, f, V(0.69314695f));
+  p = at::vec::fmadd(p, f, V(1.0000001f));
+  const auto e = at::vec::convert_to_int_of_same_size(n) << Vectorized<int32_t>(23);
+  return at::vec::cast<float>(at::vec::cast<int32_t>(p) + e);
+#endif
+}
+
+// max(a, b) lane by lane, without at::vec::maximum's NaN propagation (4 instructions instead
+// of 1 on AVX-512): the running maxima only pick references, and a NaN input makes the sums, so
+// the loss and gradient, NaN anyway.
+template <typename acc>
+inline Vectorized<acc> vmax(const Vectorized<acc>& a, const Vectorized<acc>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc, float>) return Vectorized<acc>(_mm512_max_ps(a, b));
+  if constexpr (std::is_same_v<acc, double>) return Vectorized<acc>(_mm512_max_pd(a, b));
+#endif
+  return at::vec::maximum(a, b);
+}
 
 // Loads and stores of a tensor dtype T as vectors of its accumulation type.
 template <typename T>
@@ -44,24 +118,6 @@ struct IO {
   static V exp2(V v) { return v.exp2(); }
 };
 
-// 2^x for x <= 0 in fp32, about 11 vector instructions against ~30 for Sleef's exp: 2^x =
-// 2^n * 2^f with n = round(x), |f| <= 1/2, 2^f by a degree-5 polynomial (relative error 8e-8,
-// below fp32 rounding of the sums it feeds). x is clamped at -125, where 2^x is already
-// negligible next to the row maximum's 2^0 = 1.
-inline Vectorized<float> exp2_nonpositive(Vectorized<float> x) {
-  using V = Vectorized<float>;
-  x = at::vec::maximum(x, V(-125.f));
-  const V n = x.round();
-  const V f = x - n;
-  V p = at::vec::fmadd(V(0.0013266980f), f, V(0.0096754694f));
-  p = at::vec::fmadd(p, f, V(0.055507427f));
-  p = at::vec::fmadd(p, f, V(0.24022122f));
-  p = at::vec::fmadd(p, f, V(0.69314695f));
-  p = at::vec::fmadd(p, f, V(1.0000001f));
-  const auto e = at::vec::convert_to_int_of_same_size(n) << Vectorized<int32_t>(23);
-  return at::vec::cast<float>(at::vec::cast<int32_t>(p) + e);
-}
-
 template <>
 struct IO<float> {
   using acc = float;
@@ -69,7 +125,7 @@ struct IO<float> {
   static V load(const float* p) { return V::loadu(p); }
   static V load(const float* p, int64_t n) { return V::loadu(p, n); }
   static void store(float* p, V v, int64_t n) { v.store(p, static_cast<int>(n)); }
-  static V exp2(V v) { return exp2_nonpositive(v); }
+  static V exp2(V v) { return exp2_fast(v); }
 };
 
 template <typename R>  // bfloat16 and float16: fp32 arithmetic
@@ -89,7 +145,7 @@ struct IOReduced {
   static void store(R* p, V v, int64_t n) {
     at::vec::convert_from_float<R>(v, v).store(p, static_cast<int>(n));
   }
-  static V exp2(V v) { return exp2_nonpositive(v); }
+  static V exp2(V v) { return exp2_fast(v); }
 };
 template <>
 struct IO<at::BFloat16> : IOReduced<at::BFloat16> {};
@@ -107,6 +163,7 @@ struct Layer {
   double row_scale;
 };
 
+// One chunk's sums, relative to its references ma, mq (in units of log2(e)/2).
 template <typename acc>
 struct Partial {
   acc ma, sa, mq, sq, n;
@@ -119,98 +176,332 @@ acc hmax(const Vectorized<acc>& v) {
   return *std::max_element(buf, buf + Vectorized<acc>::size());
 }
 
-// Pass 1 + pass 2 over neurons [i0, i1) of one row. `scratch` holds 4 * (kChunk + V::size()).
-// a and q are kept in units of log2(e)/2, so that h_a = 2^(a' - ma') = exp((a - ma)/2).
-template <typename T, bool kSigned, bool kTauZero, bool kPerNeuron, bool kGrad>
-Partial<typename IO<T>::acc> chunk(const Layer& L, int64_t row, int64_t i0, int64_t i1,
-                                   typename IO<T>::acc tau, typename IO<T>::acc* scratch) {
-  using acc = typename IO<T>::acc;
-  using V = typename IO<T>::V;
-  constexpr int64_t W = V::size();
-  const acc half_log2e = acc(0.72134752044448170368);  // log2(e) / 2
-  const T* t = static_cast<const T*>(L.t) + row * L.st;
-  const T* c = static_cast<const T*>(L.c) + row * L.sc;
-  const T* g = static_cast<const T*>(L.g) + row * L.sg;
+template <typename acc>
+acc hsum(const Vectorized<acc>& v) {
+  acc buf[Vectorized<acc>::size()];
+  v.store(buf);
+  acc s = 0;
+  for (int64_t i = 0; i < Vectorized<acc>::size(); ++i) s += buf[i];
+  return s;
+}
+
+// Calls f(i, end, mu, inv_s, tau_s) for each run [i, end) of neurons of [i0, i1) that share
+// statistics, the pointers at the run's statistics (when kPerNeuron: the whole range, the
+// pointers at neuron i0's).
+template <bool kPerNeuron, typename acc, typename F>
+void for_runs(const Layer& L, int64_t i0, int64_t i1, F&& f) {
   const acc* mu = static_cast<const acc*>(L.mu);
   const acc* inv_s = static_cast<const acc*>(L.inv_s);
   const acc* tau_s = static_cast<const acc*>(L.tau_s);
-  const int64_t n = i1 - i0;
-  acc* sa_ = scratch;
-  acc* sq_ = scratch + (kChunk + W);
-  acc* sr_ = scratch + 2 * (kChunk + W);
-  acc* sb_ = scratch + 3 * (kChunk + W);
-  const V vtau(tau * half_log2e), vhl(half_log2e), lowest(-std::numeric_limits<acc>::infinity());
-  V vma = lowest, vmq = lowest;
-
-  // Pass 1: runs of neurons that share statistics (the whole chunk when stats are per neuron).
+  if (kPerNeuron) {
+    f(i0, i1, mu + i0, inv_s + i0, tau_s + i0);
+    return;
+  }
   for (int64_t i = i0; i < i1;) {
-    const int64_t k = kPerNeuron ? 0 : (i / L.inner) % L.nstat;
-    const int64_t end = kPerNeuron ? i1 : std::min(i1, (i / L.inner + 1) * L.inner);
-    const V bmu(mu[k]), binv(inv_s[k]), btau(tau_s[k] * half_log2e);
+    const int64_t k = (i / L.inner) % L.nstat;
+    const int64_t end = std::min(i1, (i / L.inner + 1) * L.inner);
+    f(i, end, mu + k, inv_s + k, tau_s + k);
+    i = end;
+  }
+}
+
+// The maxima of a' and q' over neurons [i0, i1) of one row: the first chunk's references.
+template <typename T, bool kSigned, bool kPerNeuron>
+std::pair<typename IO<T>::acc, typename IO<T>::acc> chunk_max(const Layer& L, int64_t row,
+                                                              int64_t i0, int64_t i1,
+                                                              typename IO<T>::acc tau) {
+  using acc = typename IO<T>::acc;
+  using V = typename IO<T>::V;
+  constexpr int64_t W = V::size();
+  const acc hl = acc(0.72134752044448170368);  // log2(e) / 2
+  const T* t = static_cast<const T*>(L.t) + row * L.st;
+  const T* g = static_cast<const T*>(L.g) + row * L.sg;
+  const V lowest(-std::numeric_limits<acc>::infinity()), vthl(tau * hl), vhl(hl);
+  V vma = lowest, vmq = lowest;
+  for_runs<kPerNeuron, acc>(L, i0, i1, [&](int64_t i, int64_t end, const acc* mu,
+                                           const acc* inv_s, const acc* tau_s) {
+    const V bmu(mu[0]), bka(tau * hl * inv_s[0]), bkq(tau_s[0] * hl);
     for (int64_t j = i; j < end; j += W) {
       const int64_t cnt = std::min<int64_t>(W, end - j);
       const bool full = cnt == W;
-      V vt = full ? IO<T>::load(t + j) : IO<T>::load(t + j, cnt);
-      V vc = full ? IO<T>::load(c + j) : IO<T>::load(c + j, cnt);
-      V vg = full ? IO<T>::load(g + j) : IO<T>::load(g + j, cnt);
-      V vmu = bmu, vinv = binv, vts = btau;
+      const V vt = full ? IO<T>::load(t + j) : IO<T>::load(t + j, cnt);
+      const V vg = full ? IO<T>::load(g + j) : IO<T>::load(g + j, cnt);
+      V vmu = bmu, ka = bka, kq = bkq;
       if (kPerNeuron) {
-        vmu = full ? V::loadu(mu + j) : V::loadu(mu + j, cnt);
-        vinv = full ? V::loadu(inv_s + j) : V::loadu(inv_s + j, cnt);
-        vts = (full ? V::loadu(tau_s + j) : V::loadu(tau_s + j, cnt)) * vhl;
+        const int64_t o = j - i;
+        vmu = full ? V::loadu(mu + o) : V::loadu(mu + o, cnt);
+        ka = (full ? V::loadu(inv_s + o) : V::loadu(inv_s + o, cnt)) * vthl;
+        kq = (full ? V::loadu(tau_s + o) : V::loadu(tau_s + o, cnt)) * vhl;
       }
-      const V z = (vt - vmu) * vinv;
-      V a = vtau * (kSigned ? z : z.abs());
-      V q = vts * vg;
-      const V r = (vt - vc) * vinv;
+      const V u = vt - vmu;
+      V a = (kSigned ? u : u.abs()) * ka;
+      V q = vg * kq;
       if (!full) {
         a = V::set(lowest, a, cnt);
         q = V::set(lowest, q, cnt);
       }
-      vma = at::vec::maximum(vma, a);
-      vmq = at::vec::maximum(vmq, q);
-      const int64_t o = j - i0;
-      a.store(sa_ + o);
-      q.store(sq_ + o);
-      r.store(sr_ + o);
-      if (kGrad) (r * vinv).store(sb_ + o);
+      vma = vmax(a, vma);
+      vmq = vmax(q, vmq);
     }
-    i = end;
-  }
+  });
+  return {hmax(vma), hmax(vmq)};
+}
 
-  // Pass 2: exponentials, sums, unnormalised gradient h_a h_q r / s.
-  const acc ma = kTauZero ? acc(0) : hmax(vma);
-  const acc mq = kTauZero ? acc(0) : hmax(vmq);
-  const V vma_s(ma), vmq_s(mq), zero(acc(0)), one(acc(1));
-  V vsa = zero, vsq = zero, vn = zero;
-  T* dc = kGrad ? static_cast<T*>(L.dc) + row * L.m + i0 : nullptr;
-  for (int64_t o = 0; o < n; o += W) {
-    const int64_t cnt = std::min<int64_t>(W, n - o);
-    V ha = one, hq = one;
-    if (!kTauZero) {
-      ha = IO<T>::exp2(V::loadu(sa_ + o) - vma_s);
-      hq = IO<T>::exp2(V::loadu(sq_ + o) - vmq_s);
-    }
-    V r = V::loadu(sr_ + o);
-    if (cnt < W) {
-      ha = V::set(zero, ha, cnt);
-      hq = V::set(zero, hq, cnt);
-      r = V::set(zero, r, cnt);
-    }
-    const V p = ha * hq;
-    vsa = at::vec::fmadd(ha, ha, vsa);
-    vsq = at::vec::fmadd(hq, hq, vsq);
-    vn = at::vec::fmadd(p * r, r, vn);
-    if (kGrad) IO<T>::store(dc + o, p * V::loadu(sb_ + o), cnt);
+// Stores one full vector to p, bypassing the caches: p is aligned to the vector's size in T.
+template <typename T>
+inline void stream_store(T* p, const typename IO<T>::V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, v);
+    return;
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm512_stream_pd(p, v);
+    return;
+  } else {
+    const auto h = at::vec::convert_from_float<T>(v, v);  // 16 values: 256 bits
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(__m512i(h)));
+    return;
   }
-  auto hsum = [](const V& v) {
-    acc buf[V::size()];
-    v.store(buf);
-    acc s = 0;
-    for (int64_t i = 0; i < V::size(); ++i) s += buf[i];
-    return s;
+#endif
+  IO<T>::store(p, v, IO<T>::V::size());
+}
+
+// The previous row's final gradient, written out during a chunk's pass over the same neurons:
+// dst[o] = src[o] * f for the chunk's offsets o.
+template <typename T>
+struct Pending {
+  const typename IO<T>::acc* src;
+  T* dst;
+  typename IO<T>::acc f;
+};
+
+// One pass over a chunk's sums: the partial, and how far the chunk's maxima of a' and q' lie
+// above the references it was computed with.
+template <typename acc>
+struct Pass {
+  Partial<acc> p;
+  acc xa, xq;
+};
+
+// Neurons [i0, i1) of one row against references (ra, rq); the provisional gradient
+// h_a h_q r / s goes to out[0, i1 - i0) when kGrad.
+template <typename T, bool kSigned, bool kTauZero, bool kPerNeuron, bool kGrad, bool kPend>
+Pass<typename IO<T>::acc> chunk(const Layer& L, int64_t row, int64_t i0, int64_t i1,
+                                typename IO<T>::acc tau, typename IO<T>::acc ra,
+                                typename IO<T>::acc rq, typename IO<T>::acc* out,
+                                Pending<T> pend) {
+  using acc = typename IO<T>::acc;
+  using V = typename IO<T>::V;
+  constexpr int64_t W = V::size();
+  const acc hl = acc(0.72134752044448170368);  // log2(e) / 2
+  const T* t = static_cast<const T*>(L.t) + row * L.st;
+  const T* c = static_cast<const T*>(L.c) + row * L.sc;
+  const T* g = static_cast<const T*>(L.g) + row * L.sg;
+  constexpr int64_t kAhead = kPrefetchBytes / int64_t(sizeof(T));
+  const V lowest(-std::numeric_limits<acc>::infinity()), zero(acc(0)), one(acc(1));
+  const V vra(-ra), vrq(-rq), vthl(tau * hl), vhl(hl), vf(pend.f);
+  V vsa = zero, vsq = zero, vn = zero, vxa = lowest, vxq = lowest;
+  for_runs<kPerNeuron, acc>(L, i0, i1, [&](int64_t i, int64_t end, const acc* mu,
+                                           const acc* inv_s, const acc* tau_s) {
+    const V bmu(mu[0]), bka(tau * hl * inv_s[0]), bkq(tau_s[0] * hl),
+        binv2(inv_s[0] * inv_s[0]);
+    // One vector of neurons from j: cnt of them (W when kFull).
+    auto body = [&](int64_t j, int64_t cnt, auto full_tag) {
+      constexpr bool kFull = decltype(full_tag)::value;
+      if (kFull) {
+        __builtin_prefetch(t + j + kAhead);
+        __builtin_prefetch(c + j + kAhead);
+        if (!kTauZero) __builtin_prefetch(g + j + kAhead);
+      }
+      const V vt = kFull ? IO<T>::load(t + j) : IO<T>::load(t + j, cnt);
+      const V vc = kFull ? IO<T>::load(c + j) : IO<T>::load(c + j, cnt);
+      V vmu = bmu, ka = bka, kq = bkq, inv2 = binv2;
+      if (kPerNeuron) {
+        const int64_t o = j - i;
+        const V vinv = kFull ? V::loadu(inv_s + o) : V::loadu(inv_s + o, cnt);
+        vmu = kFull ? V::loadu(mu + o) : V::loadu(mu + o, cnt);
+        ka = vinv * vthl;
+        kq = (kFull ? V::loadu(tau_s + o) : V::loadu(tau_s + o, cnt)) * vhl;
+        inv2 = vinv * vinv;
+      }
+      V p = one;
+      if (!kTauZero) {
+        const V vg = kFull ? IO<T>::load(g + j) : IO<T>::load(g + j, cnt);
+        const V u = vt - vmu;
+        V xa = at::vec::fmadd(kSigned ? u : u.abs(), ka, vra);  // a' - ra
+        V xq = at::vec::fmadd(vg, kq, vrq);                      // q' - rq
+        if (!kFull) {
+          xa = V::set(lowest, xa, cnt);
+          xq = V::set(lowest, xq, cnt);
+        }
+        vxa = vmax(xa, vxa);
+        vxq = vmax(xq, vxq);
+        V ha = IO<T>::exp2(xa), hq = IO<T>::exp2(xq);
+        if (!kFull) {
+          ha = V::set(zero, ha, cnt);
+          hq = V::set(zero, hq, cnt);
+        }
+        p = ha * hq;
+        vsa = at::vec::fmadd(ha, ha, vsa);
+        vsq = at::vec::fmadd(hq, hq, vsq);
+      } else {
+        if (!kFull) p = V::set(zero, one, cnt);
+        vsa = vsa + p;
+      }
+      const V d = vt - vc;
+      const V pe = p * (d * inv2);  // h_a h_q r / s
+      vn = at::vec::fmadd(pe, d, vn);
+      if (kGrad) {
+        if (kFull)
+          pe.store(out + (j - i0));
+        else
+          pe.store(out + (j - i0), static_cast<int>(cnt));
+      }
+      if (kPend) {
+        const int64_t o = j - i0;
+        if (kFull)
+          stream_store<T>(pend.dst + o, V::loadu(pend.src + o) * vf);
+        else
+          IO<T>::store(pend.dst + o, V::loadu(pend.src + o, cnt) * vf, cnt);
+      }
+    };
+    int64_t j = i;
+    for (; j + W <= end; j += W) body(j, W, std::true_type{});
+    if (j < end) body(j, end - j, std::false_type{});
+  });
+  if (kTauZero) {
+    const acc n = hsum(vsa);
+    return {{acc(0), n, acc(0), n, hsum(vn)}, acc(0), acc(0)};
+  }
+  return {{ra, hsum(vsa), rq, hsum(vsq), hsum(vn)}, hmax(vxa), hmax(vxq)};
+}
+
+// Writes src * f to dst (n values); with `stream`, bypassing the caches where aligned (the
+// gradient's one write, not read again here).
+template <typename T>
+void store_scaled(T* dst, const typename IO<T>::acc* src, int64_t n, typename IO<T>::acc f,
+                  bool stream) {
+  using V = typename IO<T>::V;
+  constexpr int64_t W = V::size();
+  const V vf(f);
+  int64_t j = 0;
+  (void)stream;  // streaming stores only with AVX-512
+#if defined(CPU_CAPABILITY_AVX512)
+  if (stream && reinterpret_cast<std::uintptr_t>(dst) % 64 == 0) {
+    if constexpr (std::is_same_v<T, float>) {
+      for (; j + 16 <= n; j += 16)
+        _mm512_stream_ps(dst + j, _mm512_mul_ps(_mm512_loadu_ps(src + j), __m512(vf)));
+    } else if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
+      for (; j + 32 <= n; j += 32) {
+        const auto h = at::vec::convert_from_float<T>(V::loadu(src + j) * vf,
+                                                      V::loadu(src + j + 16) * vf);
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + j), __m512i(h));
+      }
+    }
+  }
+#endif
+  for (; j < n; j += W) {
+    const int64_t cnt = std::min<int64_t>(W, n - j);
+    IO<T>::store(dst + j, V::loadu(src + j, cnt) * vf, cnt);
+  }
+}
+
+// Multiplies n values of dst by f, in place.
+template <typename T>
+void scale_inplace(T* p, int64_t n, typename IO<T>::acc f) {
+  using V = typename IO<T>::V;
+  const V vf(f);
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t cnt = std::min<int64_t>(V::size(), n - j);
+    V x = cnt == V::size() ? IO<T>::load(p + j) : IO<T>::load(p + j, cnt);
+    IO<T>::store(p + j, x * vf, cnt);
+  }
+}
+
+// Where chunks put their provisional gradient: a contiguous acc buffer for the whole range
+// (`out`: the scratch row, or the gradient itself when T is the accumulation type), or, for
+// 16-bit gradients written in place, `buf` (one chunk) converted into the gradient after each
+// chunk, float16 with a power-of-two scale per chunk (`pow2`, to undo at the rescale).
+// `prev_src`, `prev_dst`, `prev_f`: a previous row of the same layer whose final gradient the
+// chunks write out as they go (scratch row, gradient row, factors per chunk), or nullptr.
+template <typename T>
+struct Sink {
+  using acc = typename IO<T>::acc;
+  acc* out;
+  acc* buf;
+  acc* pow2;
+  const acc* prev_src;
+  T* prev_dst;
+  const acc* prev_f;
+};
+
+// Chunks [k0, k1) of one row, with running references; parts[k - k0] per chunk.
+template <typename T, bool kSigned, bool kTauZero, bool kPerNeuron, bool kGrad>
+void run_chunks(const Layer& L, int64_t row, int64_t k0, int64_t k1, typename IO<T>::acc tau,
+                Partial<typename IO<T>::acc>* parts, const Sink<T>& sink) {
+  using acc = typename IO<T>::acc;
+  acc ra = 0, rq = 0;
+  if (!kTauZero) {
+    const auto m0 = chunk_max<T, kSigned, kPerNeuron>(L, row, k0 * kChunk,
+                                                      std::min(L.m, (k0 + 1) * kChunk), tau);
+    ra = m0.first;
+    rq = m0.second;
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t i0 = k * kChunk, i1 = std::min(L.m, i0 + kChunk);
+    acc* dst = sink.out ? sink.out + (i0 - k0 * kChunk) : sink.buf;
+    auto pass = [&] {
+      if (kGrad && sink.prev_dst)
+        return chunk<T, kSigned, kTauZero, kPerNeuron, kGrad, true>(
+            L, row, i0, i1, tau, ra, rq, dst,
+            {sink.prev_src + i0, sink.prev_dst + i0, sink.prev_f[k]});
+      return chunk<T, kSigned, kTauZero, kPerNeuron, kGrad, false>(L, row, i0, i1, tau, ra, rq,
+                                                                   dst, {nullptr, nullptr, 0});
+    };
+    auto r = pass();
+    if (!kTauZero) {
+      if (r.xa > acc(kSlack) || r.xq > acc(kSlack)) {
+        // A new maximum far above the references: redo the chunk against its own maxima.
+        ra += std::max(r.xa, acc(0));
+        rq += std::max(r.xq, acc(0));
+        r = pass();
+      }
+      ra += std::max(r.xa, acc(0));  // the running maxima
+      rq += std::max(r.xq, acc(0));
+    }
+    parts[k - k0] = r.p;
+    if (kGrad && !sink.out) {
+      T* d = static_cast<T*>(L.dc) + row * L.m + i0;
+      acc scale = 1;
+      if (std::is_same_v<T, at::Half>) {
+        // The chunk's largest value near 2^14: no overflow, and 2^28 of range below it.
+        acc big = 0;
+        for (int64_t i = 0; i < i1 - i0; ++i) big = std::max(big, std::abs(sink.buf[i]));
+        if (big > 0 && std::isfinite(big))
+          scale = std::ldexp(acc(1), std::clamp(14 - std::ilogb(big), -126, 126));
+        sink.pow2[k - k0] = 1 / scale;
+      }
+      store_scaled<T>(d, sink.buf, i1 - i0, scale, false);
+    }
+  }
+}
+
+// run_chunks with the instantiation for the layer's options (all loop-invariant).
+template <typename T>
+void run_chunks_any(const Layer& L, int64_t row, int64_t k0, int64_t k1, double tau,
+                    bool is_signed, Partial<typename IO<T>::acc>* parts, const Sink<T>& sink) {
+  using acc = typename IO<T>::acc;
+  const acc tau_ = acc(tau);
+  auto go = [&](auto per_neuron, auto grad) {
+    constexpr bool kPN = decltype(per_neuron)::value, kG = decltype(grad)::value;
+    if (tau == 0) return run_chunks<T, false, true, kPN, kG>(L, row, k0, k1, tau_, parts, sink);
+    if (is_signed) return run_chunks<T, true, false, kPN, kG>(L, row, k0, k1, tau_, parts, sink);
+    return run_chunks<T, false, false, kPN, kG>(L, row, k0, k1, tau_, parts, sink);
   };
-  return {ma, hsum(vsa), mq, hsum(vsq), hsum(vn)};
+  using Y = std::true_type;
+  using N = std::false_type;
+  if (L.inner == 1) return L.dc ? go(Y{}, Y{}) : go(Y{}, N{});
+  return L.dc ? go(N{}, Y{}) : go(N{}, N{});
 }
 
 // Merge a row's chunk partials: the row loss, and (optionally) one gradient factor per chunk.
@@ -236,67 +527,99 @@ acc merge(const Partial<acc>* p, int64_t nch, double row_scale, acc* factors) {
   return N * norm;
 }
 
-// Multiplies chunk k of row b's gradient by f.
-template <typename T>
-void scale_chunk(const Layer& L, int64_t b, int64_t k, typename IO<T>::acc f) {
-  using V = typename IO<T>::V;
-  T* p = static_cast<T*>(L.dc) + b * L.m + k * kChunk;
-  const int64_t n = std::min(kChunk, L.m - k * kChunk);
-  const V vf(f);
-  for (int64_t j = 0; j < n; j += V::size()) {
-    const int64_t cnt = std::min<int64_t>(V::size(), n - j);
-    V x = cnt == V::size() ? IO<T>::load(p + j) : IO<T>::load(p + j, cnt);
-    IO<T>::store(p + j, x * vf, cnt);
-  }
-}
-
-// Chunk k of a row, with the instantiation for the layer's options (all loop-invariant).
-template <typename T>
-Partial<typename IO<T>::acc> chunk_any(const Layer& L, int64_t row, int64_t k, double tau,
-                                       bool is_signed, typename IO<T>::acc* scratch) {
-  using acc = typename IO<T>::acc;
-  const acc tau_ = acc(tau);
-  const int64_t i0 = k * kChunk, i1 = std::min(L.m, i0 + kChunk);
-  auto go = [&](auto per_neuron, auto grad) {
-    constexpr bool kPN = decltype(per_neuron)::value, kG = decltype(grad)::value;
-    if (tau == 0) return chunk<T, false, true, kPN, kG>(L, row, i0, i1, tau_, scratch);
-    if (is_signed) return chunk<T, true, false, kPN, kG>(L, row, i0, i1, tau_, scratch);
-    return chunk<T, false, false, kPN, kG>(L, row, i0, i1, tau_, scratch);
+// A per-thread buffer of at least n values of A, 64-byte aligned, kept between calls.
+template <typename A>
+A* thread_buffer(int64_t n) {
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
   };
-  using Y = std::true_type;
-  using N = std::false_type;
-  if (L.inner == 1) return L.dc ? go(Y{}, Y{}) : go(Y{}, N{});
-  return L.dc ? go(N{}, Y{}) : go(N{}, N{});
+  thread_local std::unique_ptr<void, Free> mem;
+  thread_local int64_t cap = 0;
+  if (n > cap) {
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, size_t(n) * sizeof(A)) != 0) throw std::bad_alloc();
+    mem.reset(p);
+    cap = n;
+  }
+  return static_cast<A*>(mem.get());
 }
 
-// Whole rows [b0, b1) of layer L, one after the other.
+// Whole rows [b0, b1) of layer L, one after the other. With the scratch, two scratch rows are
+// used in turn, and row b's final gradient is written (streaming stores) during row b + 1's
+// pass, one vector per vector, so that the stores overlap the reads and the arithmetic; the
+// task's last row is written out after it.
 template <typename T>
 void rows_task(const Layer& L, int64_t b0, int64_t b1, double tau, bool is_signed,
                typename IO<T>::acc* row_loss) {
   using acc = typename IO<T>::acc;
+  using V = typename IO<T>::V;
   const int64_t nch = (L.m + kChunk - 1) / kChunk;
-  std::vector<acc> scratch(4 * (kChunk + IO<T>::V::size()));
-  std::vector<Partial<acc>> parts(nch);
-  std::vector<acc> factors(L.dc ? nch : 0);
+  const bool scratch = L.dc && L.m <= kScratchMax;
+  // Overlapping needs every full vector of the gradient aligned: rows aligned, and runs of
+  // shared statistics a whole number of vectors.
+  const bool overlap = scratch && (L.m * int64_t(sizeof(T))) % 64 == 0 &&
+                       reinterpret_cast<std::uintptr_t>(L.dc) % 64 == 0 &&
+                       (L.inner == 1 || L.inner % V::size() == 0);
+  const int64_t m64 = (L.m + 63) / 64 * 64, nf = (nch + 63) / 64 * 64;
+  const int64_t nparts =
+      (nch * int64_t(sizeof(Partial<acc>)) + 63) / 64 * 64 / int64_t(sizeof(acc));
+  // [parts | factors x 2 | pow2 | buf | scratch rows x 2]
+  acc* mem = thread_buffer<acc>(nparts + 3 * nf + kChunk + (scratch ? 2 * m64 : 0));
+  auto* parts = reinterpret_cast<Partial<acc>*>(mem);
+  acc* factors[2] = {mem + nparts, mem + nparts + nf};
+  acc* pow2 = mem + nparts + 2 * nf;
+  acc* buf = pow2 + nf;
+  acc* rows[2] = {buf + kChunk, buf + kChunk + m64};
+  T* pending = nullptr;  // the gradient row still to be written from rows[slot ^ 1]
+  int slot = 0;
   for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t k = 0; k < nch; ++k)
-      parts[k] = chunk_any<T>(L, b, k, tau, is_signed, scratch.data());
-    row_loss[b] = merge<acc>(parts.data(), nch, L.row_scale, L.dc ? factors.data() : nullptr);
-    if (L.dc)
-      for (int64_t k = 0; k < nch; ++k) scale_chunk<T>(L, b, k, factors[k]);
+    T* dc = L.dc ? static_cast<T*>(L.dc) + b * L.m : nullptr;
+    Sink<T> sink{nullptr, buf, pow2, rows[slot ^ 1], pending, factors[slot ^ 1]};
+    if (scratch)
+      sink.out = rows[slot];
+    else if (std::is_same_v<T, acc>)
+      sink.out = reinterpret_cast<acc*>(dc);
+    std::fill(pow2, pow2 + nch, acc(1));
+    run_chunks_any<T>(L, b, 0, nch, tau, is_signed, parts, sink);
+    row_loss[b] = merge<acc>(parts, nch, L.row_scale, L.dc ? factors[slot] : nullptr);
+    pending = nullptr;
+    if (!L.dc) continue;
+    if (overlap && b + 1 < b1) {
+      pending = dc;
+      slot ^= 1;
+      continue;
+    }
+    for (int64_t k = 0; k < nch; ++k) {
+      const int64_t i0 = k * kChunk, n = std::min(kChunk, L.m - i0);
+      if (scratch)
+        store_scaled<T>(dc + i0, rows[slot] + i0, n, factors[slot][k], true);
+      else
+        scale_inplace<T>(dc + i0, n, factors[slot][k] * pow2[k]);
+    }
   }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();  // the streaming stores, visible before the task ends
+#endif
 }
 
-// Few long rows: chunks in parallel, then the merge, then the rescale in parallel.
+// Few long rows: runs of chunks in parallel, then the merge, then the rescale in parallel.
 template <typename T>
 void split_rows(const Layer& L, double tau, bool is_signed, typename IO<T>::acc* row_loss) {
   using acc = typename IO<T>::acc;
   const int64_t nch = (L.m + kChunk - 1) / kChunk;
+  const int64_t segs = std::min(nch, (4 * at::get_num_threads() + L.rows - 1) / L.rows);
   std::vector<Partial<acc>> parts(L.rows * nch);
-  at::parallel_for(0, L.rows * nch, 1, [&](int64_t j0, int64_t j1) {
-    std::vector<acc> scratch(4 * (kChunk + IO<T>::V::size()));
+  std::vector<acc> pow2(L.dc ? L.rows * nch : 0, acc(1));
+  at::parallel_for(0, L.rows * segs, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<acc> buf(L.dc && !std::is_same_v<T, acc> ? kChunk : 0);
     for (int64_t j = j0; j < j1; ++j) {
-      parts[j] = chunk_any<T>(L, j / nch, j % nch, tau, is_signed, scratch.data());
+      const int64_t b = j / segs, s = j % segs;
+      const int64_t k0 = nch * s / segs, k1 = nch * (s + 1) / segs;
+      Sink<T> sink{nullptr, buf.data(), L.dc ? pow2.data() + b * nch + k0 : nullptr,
+                   nullptr, nullptr, nullptr};
+      if (L.dc && std::is_same_v<T, acc>)
+        sink.out = reinterpret_cast<acc*>(static_cast<T*>(L.dc) + b * L.m + k0 * kChunk);
+      run_chunks_any<T>(L, b, k0, k1, tau, is_signed, parts.data() + b * nch + k0, sink);
     }
   });
   std::vector<acc> factors(L.dc ? L.rows * nch : 0);
@@ -305,23 +628,94 @@ void split_rows(const Layer& L, double tau, bool is_signed, typename IO<T>::acc*
                              L.dc ? factors.data() + b * nch : nullptr);
   if (!L.dc) return;
   at::parallel_for(0, L.rows * nch, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) scale_chunk<T>(L, j / nch, j % nch, factors[j]);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t b = j / nch, k = j % nch, i0 = k * kChunk;
+      scale_inplace<T>(static_cast<T*>(L.dc) + b * L.m + i0, std::min(kChunk, L.m - i0),
+                       factors[j] * pow2[j]);
+    }
   });
 }
 
-// The gradient buffer, the op's one allocation of the inputs' size. A large buffer is fresh
-// memory from the OS at every call (glibc maps it anew), and faulting it in 4 KiB pages costs
-// more than the kernel itself (~7 ms for 32 MiB here): ask for 2 MiB pages instead.
-at::Tensor empty_output(int64_t rows, int64_t m, const at::TensorOptions& opts) {
-  constexpr size_t kHuge = size_t(2) << 20;
-  const size_t nbytes = size_t(rows) * size_t(m) * opts.dtype().itemsize();
+// The gradient buffers, the op's one allocation of the inputs' size: one block for all layers,
+// each layer's gradient a tensor on its part of it. Fresh memory from the OS costs more than the
+// kernel itself (faulted in 4 KiB pages: ~7 ms for 32 MiB here, and the WRN case's 25 buffers
+// took ~11000 faults per call; in 2 MiB pages, still ~1 ms per 16 MiB to zero them), so a large
+// block asks for 2 MiB pages, and when its last gradient is freed the block is kept as the one
+// spare, which the next call of about the same size takes instead of fresh memory. The spare is
+// marked MADV_FREE: the OS may take its pages back under memory pressure (they then fault in
+// again as fresh ones); otherwise it stays resident and is reused without faults.
+constexpr size_t kHuge = size_t(2) << 20;
+constexpr size_t kBlockMin = 2 * kHuge;  // smaller totals: one at::empty per layer
+
+struct SpareBlock {
+  std::mutex mu;
   void* p = nullptr;
-  if (nbytes < 8 * kHuge || posix_memalign(&p, kHuge, (nbytes + kHuge - 1) / kHuge * kHuge) != 0)
-    return at::empty({rows, m}, opts);
+  size_t n = 0;
+};
+
+SpareBlock& spare_block() {
+  static auto* s = new SpareBlock;  // never destroyed: gradients may outlive static destruction
+  return *s;
+}
+
+void* take_block(size_t n) {
+  auto& s = spare_block();
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (s.p && s.n >= n && s.n <= 2 * n) {
+      void* p = s.p;
+      s.p = nullptr;
+      return p;
+    }
+  }
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, n) != 0) return nullptr;
 #ifdef MADV_HUGEPAGE
-  madvise(p, (nbytes + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);
+  madvise(p, n, MADV_HUGEPAGE);
 #endif
-  return at::from_blob(p, {rows, m}, [](void* q) { std::free(q); }, opts);
+  return p;
+}
+
+void give_block(void* p, size_t n) {
+#ifdef MADV_FREE
+  madvise(p, n, MADV_FREE);
+#endif
+  auto& s = spare_block();
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (!s.p || s.n < n) {  // keep the larger
+      std::swap(s.p, p);
+      std::swap(s.n, n);
+    }
+  }
+  std::free(p);
+}
+
+// Uninitialised [rows_l, m_l] gradients, in the dtypes of `opts`.
+std::vector<at::Tensor> empty_outputs(const std::vector<std::pair<int64_t, int64_t>>& shapes,
+                                      const std::vector<at::TensorOptions>& opts) {
+  const size_t nl = shapes.size();
+  std::vector<size_t> offset(nl + 1, 0);
+  for (size_t l = 0; l < nl; ++l) {
+    const size_t nbytes = size_t(shapes[l].first) * size_t(shapes[l].second) *
+                          opts[l].dtype().itemsize();
+    offset[l + 1] = offset[l] + (nbytes + 4095) / 4096 * 4096;
+  }
+  const size_t total = (offset[nl] + kHuge - 1) / kHuge * kHuge;
+  void* p = offset[nl] >= kBlockMin ? take_block(total) : nullptr;
+  std::vector<at::Tensor> out;
+  if (!p) {
+    for (size_t l = 0; l < nl; ++l)
+      out.push_back(at::empty({shapes[l].first, shapes[l].second}, opts[l]));
+    return out;
+  }
+  // Each gradient holds a reference; the last one gives the block back.
+  auto block = std::shared_ptr<void>(p, [total](void* q) { give_block(q, total); });
+  for (size_t l = 0; l < nl; ++l)
+    out.push_back(at::from_blob(static_cast<char*>(p) + offset[l],
+                                {shapes[l].first, shapes[l].second},
+                                [block](void*) {}, opts[l]));
+  return out;
 }
 
 #define MF_DISPATCH(dtype, NAME, ...)                                                   \
@@ -342,6 +736,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> importance_clone_loss_cpu(
   std::vector<Layer> layers;
   std::vector<at::Tensor> dcs;
   std::vector<at::Tensor> row_losses;
+  std::vector<std::pair<int64_t, int64_t>> shapes;
+  std::vector<at::TensorOptions> dc_opts;
   for (int64_t l = 0; l < nl; ++l) {
     const auto& x = t[l];
     TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "layer ", l, ": expected CPU [rows, m]");
@@ -360,15 +756,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> importance_clone_loss_cpu(
     for (const auto* s : {&mu[l], &inv_s[l], &tau_s[l]})
       TORCH_CHECK(s->is_contiguous() && s->scalar_type() == acc_dtype && s->numel() == nstat,
                   "layer ", l, ": statistics must be contiguous ", acc_dtype, " of equal length");
-    at::Tensor dc;
-    if (need_grad) dc = empty_output(rows, m, x.options());
-    dcs.push_back(dc);
+    shapes.emplace_back(rows, m);
+    dc_opts.push_back(x.options());
     row_losses.push_back(at::empty({rows}, x.options().dtype(acc_dtype)));
     layers.push_back({x.scalar_type(), x.data_ptr(), c[l].data_ptr(), g[l].data_ptr(),
                       x.stride(0), c[l].stride(0), g[l].stride(0),
-                      need_grad ? dc.data_ptr() : nullptr, mu[l].data_ptr(),
+                      nullptr, mu[l].data_ptr(),
                       inv_s[l].data_ptr(), tau_s[l].data_ptr(), rows, m, inner[l], nstat,
                       row_scale[l]});
+  }
+  if (need_grad) {
+    dcs = empty_outputs(shapes, dc_opts);
+    for (int64_t l = 0; l < nl; ++l) layers[l].dc = dcs[l].data_ptr();
   }
 
   // Whole rows per task when there are enough rows to keep every thread busy; the rows are
