@@ -57,8 +57,9 @@ def one_search(anchors, head, ls, lt, alpha, lr, steps, lo, hi, margin):
             found = bool((lead(z[:k], ls) > margin).all()) and bool(lead(z[k], lt) > margin)
             if not ((c >= lo) & (c <= hi)).all() or found or s == steps:
                 return s
-        loss = (F.cross_entropy(z[:k], torch.full((k,), ls))
-                + F.cross_entropy(z[k:], torch.tensor([lt])) + alpha / k * (P - c).pow(2).sum())
+        loss = (F.cross_entropy(z[:k], torch.full((k,), ls, device=P.device))
+                + F.cross_entropy(z[k:], torch.tensor([lt], device=P.device))
+                + alpha / k * (P - c).pow(2).sum())
         opt.zero_grad()
         loss.backward()
         opt.step()

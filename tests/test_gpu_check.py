@@ -17,7 +17,7 @@ from shared import needs_extension
 def test_a_failing_stage_fails_the_check(tmp_path, monkeypatch, capsys):
     """A stage whose command fails is recorded as failed, the JSON says so, the exit status is 1,
     and the stages after it still run."""
-    def commands(stage, dry, tmp):
+    def commands(stage, dry, tmp, tests):
         code = 3 if stage == "loss" else 0
         return [[sys.executable, "-c", f"print('{stage} ran'); raise SystemExit({code})"]]
 
@@ -35,12 +35,26 @@ def test_a_failing_stage_fails_the_check(tmp_path, monkeypatch, capsys):
 
 
 def test_a_hanging_stage_is_stopped(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpu_check, "_commands", lambda stage, dry, tmp: [
+    monkeypatch.setattr(gpu_check, "_commands", lambda stage, dry, tmp, tests: [
         [sys.executable, "-c", "import time; time.sleep(60)"]])
     monkeypatch.setitem(gpu_check.LIMITS, "steps", 1)
     assert gpu_check.main(["--cpu-dry-run", "--out", str(tmp_path), "--stages", "steps"]) == 1
     notes = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]["steps"]["notes"]
     assert notes == ["stopped after 1 s"]
+
+
+def test_the_budget_stops_the_run_and_keeps_the_results(tmp_path, monkeypatch):
+    """Past ``--budget`` the running command is stopped and later ones are not started; the
+    stages before keep their results."""
+    monkeypatch.setattr(gpu_check, "_commands", lambda stage, dry, tmp, tests: [
+        [sys.executable, "-c", "import time; time.sleep(60 if %r == 'steps' else 0)" % stage]] * 2)
+    rc = gpu_check.main(["--cpu-dry-run", "--out", str(tmp_path), "--stages",
+                         "pocket,steps,tests", "--budget", "3"])
+    assert rc == 1
+    stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
+    assert stages["pocket"]["status"] == "ok"
+    assert stages["steps"]["notes"][0].startswith("stopped after")
+    assert stages["tests"]["notes"][0].startswith("not run: the time was up")
 
 
 def test_the_tests_stage_reads_pytest_counts(tmp_path):
