@@ -181,6 +181,18 @@ def _lib_name(with_cuda: bool) -> str:
     return "medic_fast_C_cuda" if with_cuda else "medic_fast_C"
 
 
+def _ldflags() -> list[str]:
+    """``-fopenmp``, and on Linux the shared C++ runtime by name (``-l:libstdc++.so.6``).
+
+    Some toolchains link libstdc++ statically by default (a GPU machine's ``CXX=/opt/gcc/bin/g++``
+    did): the extension then carries a second C++ runtime beside the one PyTorch loaded, and
+    formatting a number into an error message (any ``TORCH_CHECK`` with an integer) crashes or
+    loses the number. Naming the shared library first makes the link take it, whatever the
+    compiler's default; elsewhere it is what the link takes anyway.
+    """
+    return ["-fopenmp"] + (["-l:libstdc++.so.6"] if platform.system() == "Linux" else [])
+
+
 def _cflags() -> list[str]:
     flags = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
     if platform.machine() in ("x86_64", "AMD64"):
@@ -280,7 +292,7 @@ def _build(with_cuda: bool, verbose: bool) -> str:
             sources=[str(s) for s in srcs],
             extra_cflags=_cflags() + (["-DMEDIC_FAST_WITH_CUDA"] if with_cuda else []),
             extra_cuda_cflags=["-O3", "-lineinfo"],
-            extra_ldflags=["-fopenmp"],
+            extra_ldflags=_ldflags(),
             extra_include_paths=[str(source_dir())],
             build_directory=str(bdir),
             with_cuda=with_cuda,

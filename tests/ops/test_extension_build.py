@@ -338,3 +338,26 @@ def test_a_real_failed_cuda_build_falls_back_to_the_cpu_build(cache):
     assert ("CUDA building the CUDA kernels of the medic_fast extension failed, so it has only "
             "its CPU kernels") in out.stdout, out.stdout + out.stderr
     assert "medic_fast: building the CPU kernels alone" in out.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ELF and libstdc++ are Linux's")
+def test_the_extension_uses_the_shared_cpp_runtime_and_formats_numbers_in_errors():
+    """On an H200 machine whose CXX linked libstdc++ statically, every TORCH_CHECK message with an
+    integer crashed the process (a second C++ runtime beside PyTorch's). The link names the
+    shared runtime; the loaded library needs it, and an error's numbers come through."""
+    from shared import needs_extension  # noqa: F401  (the build below is the check)
+
+    try:
+        path = _extension.load()
+    except _extension.ExtensionUnavailable as e:
+        pytest.skip(f"the extension did not build: {e}")
+    readelf = subprocess.run(["readelf", "-d", path], capture_output=True, text=True)
+    if readelf.returncode != 0:
+        pytest.skip("readelf is not available")
+    assert "libstdc++.so.6" in readelf.stdout
+    anchors = torch.rand(2, 3, 4)
+    w, b = torch.randn(5, 4), torch.randn(5)
+    with pytest.raises(RuntimeError, match=r"classes must be in \[0, 5\)"):
+        torch.ops.medic_fast.pocket_search_mlp(anchors, [w], [b], [False, False],
+                                               torch.tensor([0, 7]), torch.tensor([1, 2]),
+                                               0.1, 0.5, 3, -2.0, 2.0, 0.0)
