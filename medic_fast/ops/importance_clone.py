@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import List, Optional, Tuple
 
@@ -178,7 +180,7 @@ def _rows_view(x: Tensor, rows: int, m: int) -> Tensor:
     return x2
 
 
-def _stats_arrays(t: Tensor, mean, std, start_dim: int, tau: float, eps: float, acc):
+def _compute_stats_arrays(t: Tensor, mean, std, start_dim: int, tau: float, eps: float, acc):
     """``(mu, inv_s, tau_s, inner)``: statistic ``k = (i // inner) % len(mu)`` for neuron ``i``."""
     if mean is None or std is None:
         bm, bs = reference.batch_stats(t, start_dim)
@@ -194,6 +196,39 @@ def _stats_arrays(t: Tensor, mean, std, start_dim: int, tau: float, eps: float, 
     mu = mean.detach().to(acc).contiguous()
     s = std.detach().to(acc) + eps
     return mu, (1.0 / s).contiguous(), (tau * s).contiguous(), inner
+
+
+_STATS_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_STATS_CACHE_SIZE = 256
+
+
+def _stats_arrays(t: Tensor, mean, std, start_dim: int, tau: float, eps: float, acc):
+    """:func:`_compute_stats_arrays`, remembered per statistics tensor between calls.
+
+    The statistics of a training run are fixed tensors (a :class:`~medic_fast.stats.LayerStats`),
+    so their derived arrays (``mu``, ``1 / (std + eps)``, ``tau (std + eps)``: three small
+    kernels per layer, on a GPU three launches) are computed once. An entry is used only while
+    the very tensors it was made from are alive and unmodified (same object, same ``_version``),
+    and only in plain eager execution without gradients through the statistics; an entry goes
+    when its statistics are freed, and at most the last 256 are kept.
+    """
+    if (mean is None or std is None or mean.requires_grad or std.requires_grad
+            or not _plain_eager(mean, std)):
+        return _compute_stats_arrays(t, mean, std, start_dim, tau, eps, acc)
+    key = (id(mean), id(std), mean._version, std._version, tuple(t.shape[start_dim:]), tau, eps,
+           acc, t.device)
+    hit = _STATS_CACHE.get(key)
+    if hit is not None and hit[0]() is mean and hit[1]() is std:
+        _STATS_CACHE.move_to_end(key)
+        return hit[2]
+    arrays = _compute_stats_arrays(t, mean, std, start_dim, tau, eps, acc)
+    def forget(_, key=key):
+        _STATS_CACHE.pop(key, None)
+
+    _STATS_CACHE[key] = (weakref.ref(mean, forget), weakref.ref(std, forget), arrays)
+    if len(_STATS_CACHE) > _STATS_CACHE_SIZE:
+        _STATS_CACHE.popitem(last=False)
+    return arrays
 
 
 # --------------------------------------------------------------------------------------------

@@ -759,3 +759,34 @@ def test_opcheck(device, backend_arg, need_grad, reduce_rows, signed):
     args = op_args(4 * need_grad + 2 * reduce_rows + signed, need_grad=need_grad,
                    reduce_rows=reduce_rows, signed=signed, device=device)
     torch.library.opcheck(torch.ops.medic_fast.importance_clone_loss.default, args)
+
+
+def test_statistics_arrays_are_reused_only_for_the_same_unchanged_statistics():
+    """The derived statistics arrays are remembered per statistics tensor: a second call with
+    the same tensors reuses them; changing the statistics in place, or new statistics, or another
+    tau, computes them afresh (the loss follows); freed statistics leave the cache."""
+    from medic_fast.ops import importance_clone as ic
+
+    torch.manual_seed(0)
+    t = torch.randn(4, 6, 5, 5)
+    c, g = t + 0.3 * torch.randn_like(t), 1e-2 * torch.randn_like(t)
+    mean, std = 0.1 * torch.randn(6), torch.rand(6) + 0.5
+
+    def loss(mean_, std_, tau=5.0, backend="auto"):
+        return medic_fast.importance_clone_loss(t, c, g, mean_, std_, tau=tau, backend=backend)
+
+    ic._STATS_CACHE.clear()
+    first = ic._stats_arrays(t, mean, std, 1, 5.0, 1e-5, torch.float32)
+    assert ic._stats_arrays(t, mean, std, 1, 5.0, 1e-5, torch.float32) is first
+    assert ic._stats_arrays(t, mean, std, 1, 2.0, 1e-5, torch.float32) is not first
+    before = float(loss(mean, std))
+    std.mul_(2.0)  # in place: a new _version
+    again = ic._stats_arrays(t, mean, std, 1, 5.0, 1e-5, torch.float32)
+    assert again is not first
+    torch.testing.assert_close(again[1], 1.0 / (std + 1e-5))
+    assert float(loss(mean, std)) != before
+    n = len(ic._STATS_CACHE)
+    del mean, std, first, again
+    import gc
+    gc.collect()
+    assert len(ic._STATS_CACHE) < n
