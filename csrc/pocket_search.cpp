@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <tuple>
@@ -328,16 +329,15 @@ std::tuple<at::Tensor, at::Tensor> pocket_step_logits_cpu(
   return {g, status};
 }
 
-// Steps the active problems whose status is kActive and returns them compacted (rows and their
-// problem indices); every other problem, and all of them when `grads` is None (the step budget
-// is spent), is written to anchors_out/status_out/stop_out at its index and leaves.
-std::tuple<at::Tensor, at::Tensor> pocket_step_update_cpu(
-    const at::Tensor& rows, const std::optional<at::Tensor>& grads, const at::Tensor& status,
-    const at::Tensor& idx, at::Tensor& anchors_out, at::Tensor& status_out, at::Tensor& stop_out,
-    int64_t step, double alpha, double lr) {
+// The shapes and dtypes pocket_step_update takes, on either device; returns {n, k, D, q}:
+// active problems, anchors, features, problems.
+std::array<int64_t, 4> check_update_args(const at::Tensor& rows, const at::Tensor& status,
+                                         const at::Tensor& idx, const at::Tensor& anchors_out,
+                                         const at::Tensor& status_out,
+                                         const at::Tensor& stop_out) {
   TORCH_CHECK(rows.dim() == 3 && rows.scalar_type() == at::kFloat,
               "rows must be float32 [active, k + 1, D]");
-  const int64_t n = rows.size(0), r = rows.size(1), D = rows.size(2), k = r - 1;
+  const int64_t n = rows.size(0), D = rows.size(2), k = rows.size(1) - 1;
   TORCH_CHECK(k >= 1, "rows must hold k >= 1 anchors and a centroid");
   TORCH_CHECK(status.scalar_type() == at::kChar && status.numel() == n,
               "status must be int8 [active]");
@@ -350,6 +350,19 @@ std::tuple<at::Tensor, at::Tensor> pocket_step_update_cpu(
                   status_out.numel() == q && stop_out.is_contiguous() &&
                   stop_out.scalar_type() == at::kLong && stop_out.numel() == q,
               "status_out must be int8 [problems] and stop_out int64 [problems]");
+  return {n, k, D, q};
+}
+
+// Steps the active problems whose status is kActive and returns them compacted (rows and their
+// problem indices); every other problem, and all of them when `grads` is None (the step budget
+// is spent), is written to anchors_out/status_out/stop_out at its index and leaves.
+std::tuple<at::Tensor, at::Tensor> pocket_step_update_cpu(
+    const at::Tensor& rows, const std::optional<at::Tensor>& grads, const at::Tensor& status,
+    const at::Tensor& idx, at::Tensor& anchors_out, at::Tensor& status_out, at::Tensor& stop_out,
+    int64_t step, double alpha, double lr) {
+  const std::array<int64_t, 4> dims =
+      check_update_args(rows, status, idx, anchors_out, status_out, stop_out);
+  const int64_t n = dims[0], k = dims[1], D = dims[2], q = dims[3], r = k + 1;
   const bool update = grads.has_value();
   const at::Tensor x = rows.contiguous();
   const at::Tensor gx = update ? grads->contiguous() : at::Tensor();
@@ -589,21 +602,9 @@ std::tuple<at::Tensor, at::Tensor> pocket_step_update_cuda(
   check_on(anchors_out, "anchors_out", device, op);
   check_on(status_out, "status_out", device, op);
   check_on(stop_out, "stop_out", device, op);
-  TORCH_CHECK(rows.dim() == 3 && rows.scalar_type() == at::kFloat,
-              "rows must be float32 [active, k + 1, D]");
-  const int64_t n = rows.size(0), r = rows.size(1), D = rows.size(2), k = r - 1;
-  TORCH_CHECK(k >= 1, "rows must hold k >= 1 anchors and a centroid");
-  TORCH_CHECK(status.scalar_type() == at::kChar && status.numel() == n,
-              "status must be int8 [active]");
-  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.numel() == n, "idx must be int64 [active]");
-  TORCH_CHECK(anchors_out.is_contiguous() && anchors_out.scalar_type() == at::kFloat &&
-                  anchors_out.dim() == 3 && anchors_out.size(1) == k && anchors_out.size(2) == D,
-              "anchors_out must be contiguous float32 [problems, k, D]");
-  const int64_t q = anchors_out.size(0);
-  TORCH_CHECK(status_out.is_contiguous() && status_out.scalar_type() == at::kChar &&
-                  status_out.numel() == q && stop_out.is_contiguous() &&
-                  stop_out.scalar_type() == at::kLong && stop_out.numel() == q,
-              "status_out must be int8 [problems] and stop_out int64 [problems]");
+  const std::array<int64_t, 4> dims =
+      check_update_args(rows, status, idx, anchors_out, status_out, stop_out);
+  const int64_t n = dims[0], k = dims[1], D = dims[2], q = dims[3], r = k + 1;
   const at::Tensor x = rows.contiguous(), ix = idx.contiguous().view(-1);
   const at::Tensor st = status.contiguous().view(-1);
   const at::Tensor gx = update ? grads->contiguous() : at::Tensor();
