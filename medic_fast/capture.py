@@ -1,7 +1,8 @@
 """Activation capture with forward hooks on named modules, and the teacher's importance signals.
 
-* :func:`default_layers` / :func:`resolve_layers`: which modules to hook (default: every conv and
-  BatchNorm layer, the "conv+bn" plane of the released MEDIC recipe).
+* :func:`find_layers` / :func:`resolve_layers`: which modules to hook (default: every conv and
+  BatchNorm layer, the "conv+bn" plane of the released MEDIC recipe; names, module objects,
+  glob patterns, ``"blocks"``), through DDP / compile / FSDP1 / checkpoint wrappers.
 * :class:`ActivationCapture`: records the output (or the input) of each named module on every
   forward of the model it is attached to; teacher and clone each get one, so both are captured in
   the same step. It picks one tensor out of tuple / dict outputs (``select``) and copies outputs
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -23,7 +25,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from medic_fast._utils import eval_mode
 
-__all__ = ["HOOKABLE", "default_layers", "resolve_layers", "rows_start_dim", "check_mask",
+__all__ = ["HOOKABLE", "default_layers", "find_layers", "resolve_layers", "repeated_blocks",
+           "call_model", "rows_start_dim", "check_mask",
            "mask_applies", "ActivationCapture", "inplace_modified", "teacher_signals"]
 
 # Module types whose outputs form the default hooked plane.
@@ -35,32 +38,165 @@ def default_layers(model: nn.Module) -> List[str]:
     return [name for name, m in model.named_modules() if name and isinstance(m, HOOKABLE)]
 
 
-def resolve_layers(model: nn.Module, layers: Optional[Sequence[str]]) -> List[str]:
-    """Check ``layers`` (module names of ``model``) or pick :func:`default_layers`."""
+# Attribute names under which wrappers hold the model they wrap: torch.compile, FSDP1 and the
+# activation-checkpoint wrapper. ``module`` (DDP, DataParallel, accelerate) is a wrapper segment
+# only where its parent is a pass-through wrapper (see :func:`_is_passthrough`).
+WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+_GLOB = frozenset("*?[")
+
+
+def _is_passthrough(parent: nn.Module) -> bool:
+    """A wrapper that only holds ``.module`` (DDP, DataParallel, a user's or accelerate's
+    wrapper): its only child is named ``module`` and it has no parameters of its own."""
+    children = list(parent._modules)
+    return children == ["module"] and not any(True for _ in parent.parameters(recurse=False))
+
+
+def _canonical(qualified: str, parents: Dict[str, nn.Module]) -> str:
+    """``qualified`` (a name from ``model.named_modules()``) without its wrapper segments."""
+    if not qualified:
+        return ""
+    out, prefix = [], []
+    for seg in qualified.split("."):
+        parent = parents[".".join(prefix)]
+        prefix.append(seg)
+        if seg in WRAPPER_SEGMENTS or (seg == "module" and _is_passthrough(parent)):
+            continue
+        out.append(seg)
+    return ".".join(out)
+
+
+def _strip(name: str, module_too: bool) -> str:
+    """A name given by the user without the segments wrappers add (all ``module`` ones too when
+    ``module_too``): the key it has in a model that is wrapped differently."""
+    drop = WRAPPER_SEGMENTS | ({"module"} if module_too else set())
+    return ".".join(s for s in name.split(".") if s not in drop) if name else ""
+
+
+def _layer_table(model: nn.Module) -> Tuple[Dict[str, Tuple[str, nn.Module]], Dict[int, str]]:
+    """``canonical name -> (qualified name, module)`` (the innermost module of a wrapper chain:
+    ``transformer.h.0`` of an FSDP1 model is the block inside its FSDP unit), and ``id(module)
+    -> canonical name`` for every module, wrappers included."""
+    parents = dict(model.named_modules())
+    table: Dict[str, Tuple[str, nn.Module]] = {}
+    ids: Dict[int, str] = {}
+    for qualified, module in parents.items():
+        key = _canonical(qualified, parents)
+        table[key] = (qualified, module)  # pre-order: an inner module comes after its wrapper
+        ids[id(module)] = key
+    return table, ids
+
+
+def _glob_match(pattern: str, name: str) -> bool:
+    """``fnmatch`` segment by segment: ``*`` stays within one dot-separated name segment, so
+    ``transformer.h.*`` is the blocks and not their submodules."""
+    p, n = pattern.split("."), name.split(".")
+    return len(p) == len(n) and all(fnmatchcase(a, b) for b, a in zip(p, n))
+
+
+def repeated_blocks(model: nn.Module) -> List[str]:
+    """Qualified names of the repeated blocks of ``model`` (a Hugging Face ``...h`` /
+    ``...layers``): the children of its largest ``nn.ModuleList`` whose children are all of one
+    class (the first such list on a tie)."""
+    best, best_name = None, None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 \
+                and len({type(c) for c in m}) == 1 and (best is None or len(m) > len(best)):
+            best, best_name = m, name
+    if best is None:
+        raise ValueError(f'layers="blocks": {type(model).__name__} has no nn.ModuleList of '
+                         "blocks of one class; pass layers=[...] with names from "
+                         "model.named_modules()")
+    return [f"{best_name}.{k}" if best_name else k for k in best._modules]
+
+
+def find_layers(model: nn.Module, layers, *, also: Optional[nn.Module] = None
+                ) -> Tuple[List[str], List[nn.Module]]:
+    """The ONE resolution of a ``layers`` argument: ``(names, modules)`` of ``model``.
+
+    ``layers`` is ``None`` (every conv and BatchNorm layer), ``"blocks"`` (see
+    :func:`repeated_blocks`), a glob pattern (``"transformer.h.*"``; ``*`` within one name
+    segment), or a sequence of module names, glob patterns and module objects (of ``model``, or
+    of ``also``, a model of the same structure such as the student).
+
+    Names resolve through wrappers: DDP / DataParallel / accelerate ``module.``,
+    ``torch.compile`` ``_orig_mod.``, FSDP1 ``_fsdp_wrapped_module.`` and checkpoint wrappers'
+    ``_checkpoint_wrapped_module.``: a name given for the inner model resolves in the wrapped
+    one and the other way round. The returned names are canonical (those of the unwrapped
+    model) and the modules the innermost ones (a wrapped block, not its wrapper).
+    """
+    table, ids = _layer_table(model)
+    parents = dict(model.named_modules())
+    by_plain: Dict[str, List[str]] = {}
+    for key in table:
+        by_plain.setdefault(_strip(key, True), []).append(key)
+
+    def hint() -> str:
+        return ", ".join(k for k in list(table)[1:9])
+
+    def by_name(name: str) -> str:
+        if name and name in parents:
+            return _canonical(name, parents)
+        key = _strip(name, False)
+        if key and key in table:
+            return key
+        keys = by_plain.get(_strip(name, True), [])
+        if name and len(keys) == 1:
+            return keys[0]
+        raise ValueError(f"layers: {name!r} is not a submodule of {type(model).__name__} "
+                         f"(names look like: {hint()}, ...)")
+
     if layers is None:
-        names = default_layers(model)
+        names = [k for k, (_, m) in table.items() if k and isinstance(m, HOOKABLE)]
         if not names:
             raise ValueError(f"{type(model).__name__} has no conv or BatchNorm layer to hook by "
                              "default; pass layers=[...] with names from model.named_modules()")
-        return names
-    if isinstance(layers, str) or not isinstance(layers, Sequence):
+        names = list(dict.fromkeys(names))
+        return names, [table[n][1] for n in names]
+    if isinstance(layers, str):
+        if layers != "blocks" and not (_GLOB & set(layers)):
+            raise TypeError(f"layers must be a sequence of module names (or \"blocks\", or a "
+                            f"glob pattern), got the str {layers!r}; pass [{layers!r}]")
+        layers = [layers]
+    if isinstance(layers, nn.Module) or not isinstance(layers, Sequence):
         raise TypeError(f"layers must be a sequence of module names, got {type(layers).__name__}")
-    modules = dict(model.named_modules())
-    names = list(layers)
-    if not names:
+    if not list(layers):
         raise ValueError("layers is empty; pass at least one module name (or None for the "
                          "default conv+bn plane)")
-    for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"layers must hold module names (str), got {type(name).__name__}")
-        if not name or name not in modules:
-            hint = ", ".join(n for n in list(modules)[1:9])
-            raise ValueError(f"layers: {name!r} is not a submodule of {type(model).__name__} "
-                             f"(names look like: {hint}, ...)")
-    dup = {n for n in names if names.count(n) > 1}
+    other = None if also is None else _layer_table(also)[1]
+    names: List[str] = []
+    for item in layers:
+        if isinstance(item, nn.Module):
+            key = ids.get(id(item), None if other is None else other.get(id(item)))
+            if key is None or key not in table:
+                raise ValueError(f"layers: the {type(item).__name__} given is not a submodule of "
+                                 f"{type(model).__name__}")
+            names.append(key)
+        elif not isinstance(item, str):
+            raise TypeError(f"layers must hold module names (str) or modules, got "
+                            f"{type(item).__name__}")
+        elif item == "blocks":
+            names += [_canonical(n, parents) for n in repeated_blocks(model)]
+        elif _GLOB & set(item):
+            found = [k for k in table if k and _glob_match(_strip(item, False), k)]
+            if not found:
+                found = [k for k in table if k and _glob_match(_strip(item, True),
+                                                               _strip(k, True))]
+            if not found:
+                raise ValueError(f"layers: the pattern {item!r} matches no submodule of "
+                                 f"{type(model).__name__} (names look like: {hint()}, ...)")
+            names += found
+        else:
+            names.append(by_name(item))
+    dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"layers names a module more than once: {sorted(dup)}")
-    return names
+        raise ValueError(f"layers names a module more than once: {dup}")
+    return names, [table[n][1] for n in names]
+
+
+def resolve_layers(model: nn.Module, layers, *, also: Optional[nn.Module] = None) -> List[str]:
+    """The canonical names of ``layers`` in ``model`` (see :func:`find_layers`)."""
+    return find_layers(model, layers, also=also)[0]
 
 
 Select = Union[None, int, Callable[[object], Tensor]]
@@ -135,9 +271,7 @@ class ActivationCapture:
 
     def __init__(self, model: nn.Module, layers: Sequence[str], *, inputs: bool = False,
                  select=None, differentiable: bool = False, copy: Sequence[str] = ()):
-        self.layers = resolve_layers(model, layers)
-        modules = dict(model.named_modules())
-        self.modules = [modules[n] for n in self.layers]
+        self.layers, self.modules = find_layers(model, layers)
         if inputs and (differentiable or copy):
             raise ValueError("inputs=True records module inputs as they are; differentiable and "
                              "copy apply to outputs only")
@@ -252,32 +386,49 @@ class ActivationCapture:
         return [n for n, (t, v) in self._out.items() if t._version != v]
 
 
+def call_model(model: nn.Module, batch):
+    """``model(**batch)`` for a dict batch (a Hugging Face model's keyword arguments), else
+    ``model(batch)``."""
+    return model(**batch) if isinstance(batch, Mapping) else model(batch)
+
+
 @torch.no_grad()
-def inplace_modified(model: nn.Module, layers: Sequence[str], x, select=None) -> List[str]:
+def inplace_modified(model: nn.Module, layers: Sequence[str], x, select=None, *,
+                     forward: Optional[Callable[[nn.Module, object], object]] = None
+                     ) -> List[str]:
     """Names among ``layers`` whose output ``model`` modifies in place later in its forward.
 
-    Runs one forward on ``x`` in eval mode without gradients, so the model's parameters,
-    buffers and training flags are left as they are.
+    Runs one forward on ``x`` (``forward(model, x)``, by default :func:`call_model`) in eval
+    mode without gradients, so the model's parameters, buffers and training flags are left as
+    they are.
     """
     with eval_mode(model), ActivationCapture(model, layers, select=select) as cap:
-        model(x)
+        (forward or call_model)(model, x)
         return cap.modified()
 
 
-def teacher_signals(teacher: nn.Module, capture: ActivationCapture, x: Tensor,
-                    y: Tensor) -> Tuple[List[Tensor], List[Tensor]]:
+def teacher_signals(teacher: nn.Module, capture: ActivationCapture, x, y: Optional[Tensor],
+                    loss: Optional[Callable[[], Tensor]] = None
+                    ) -> Tuple[List[Tensor], List[Tensor]]:
     """Teacher activations at the hooked layers and ``d CE(teacher(x), y) / d activations``.
 
     ``capture`` must be a ``differentiable`` capture attached to ``teacher``; the teacher should
     be frozen (parameters without ``requires_grad``) and ``x`` should not require grad, so the
     single ``torch.autograd.grad`` call runs the backward from the loss down to the first hooked
     tensor and computes nothing else. CE is the batch mean. Returns detached tensors.
+
+    ``loss``: a callable that runs the teacher and returns its scalar CE (a Hugging Face
+    model's ``.loss``, say), in place of ``CE(teacher(x), y)``.
     """
     if not capture.differentiable:
         raise ValueError("teacher_signals needs an ActivationCapture(..., differentiable=True)")
     with torch.enable_grad():
-        logits = teacher(x)
-        acts = capture.outputs()
-        ce = F.cross_entropy(logits, y)
+        if loss is None:
+            logits = teacher(x)
+            acts = capture.outputs()
+            ce = F.cross_entropy(logits, y)
+        else:
+            ce = loss()
+            acts = capture.outputs()
         grads = torch.autograd.grad(ce, acts, allow_unused=True, materialize_grads=True)
     return [a.detach() for a in acts], list(grads)

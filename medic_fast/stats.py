@@ -8,6 +8,7 @@ process ends with the statistics of the whole data set.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -16,8 +17,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from medic_fast._utils import check_int, device_of, dist_shard, eval_mode, inner_module
-from medic_fast.capture import (ActivationCapture, check_mask, inplace_modified, mask_applies,
-                                resolve_layers, rows_start_dim)
+from medic_fast.capture import (ActivationCapture, call_model, check_mask, inplace_modified,
+                                mask_applies, resolve_layers, rows_start_dim)
 from medic_fast.data import batch_inputs, make_loader
 from medic_fast.ops.importance_clone import check_std
 
@@ -116,7 +117,8 @@ def _all_gather_moments(moments: List[_Moments]) -> None:
 @torch.no_grad()
 def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None,
                   per: str = "channel", *, start_dim: Optional[int] = None,
-                  mask_fn: Optional[Callable[[Tensor], Tensor]] = None, select=None,
+                  mask_fn: Optional[Callable[[Tensor], Tensor]] = None,
+                  mask_key: Optional[str] = "attention_mask", select=None,
                   copy: Optional[Sequence[str]] = None, batch_size: int = 256,
                   device=None) -> LayerStats:
     """Mean and std of the outputs of ``layers`` of ``model`` over ``data``, in eval mode.
@@ -131,22 +133,29 @@ def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None
     Args:
         model: the (trojaned) model (a DDP / compiled wrapper is unwrapped); it is put in eval
             mode for the pass and its training flags are restored; nothing else of it changes.
-        data: a ``Dataset``, ``DataLoader`` or ``(X, y)`` pair (labels are not used).
-        layers: module names; default every conv and BatchNorm layer.
+        data: a ``Dataset``, ``DataLoader`` or ``(X, y)`` pair (labels are not used); or dict
+            batches (a ``DataLoader`` yielding them, or a list of them): each dict is passed to
+            the model as keyword arguments (``model(**batch)``, a Hugging Face model's
+            ``input_ids``, ``attention_mask``, ...).
+        layers: module names, module objects, glob patterns or ``"blocks"`` (see
+            :func:`~medic_fast.capture.find_layers`); default every conv and BatchNorm layer.
         start_dim: per layer by default (:func:`~medic_fast.capture.rows_start_dim`: a row per
             token for 3-D outputs of modules other than conv/BatchNorm, else a row per sample).
         mask_fn: ``inputs -> [B, T]`` bool, True at real tokens: rows that are padding are left
-            out of the statistics of the layers whose rows are ``[B, T]``.
+            out of the statistics of the layers whose rows are ``[B, T]`` (a mask of their rank
+            but another shape is a ``ValueError`` naming the layer). For dict batches it gets
+            the dict, and by default the mask is ``batch[mask_key]`` (``attention_mask``).
         select: which tensor of a tuple output is the activation (see ``ActivationCapture``).
         copy: outputs modified in place later in the forward (see ``ActivationCapture``); found
             on the first batch when None.
         batch_size: for ``(X, y)`` or ``Dataset`` data.
         device: where to run; default the model's parameters' device.
 
-    ``count`` is the number of samples. Under an initialised ``torch.distributed`` process group
-    each process reads its ``rank``-th share of the data and the result is the statistics of all
-    of it. A statistic that would not be finite raises ``ValueError`` naming the first sample
-    whose inputs are not (NaN or inf), or else the first layer whose output is not.
+    ``count`` is the number of samples (sequences, for dict batches). Under an initialised
+    ``torch.distributed`` process group each process reads its ``rank``-th share of the data
+    and the result is the statistics of all of it. A statistic that would not be finite raises
+    ``ValueError`` naming the first sample whose inputs are not (NaN or inf), or else the first
+    layer whose output is not.
     """
     if per not in PER:
         raise ValueError(f"per must be one of {PER}, got {per!r}")
@@ -158,18 +167,19 @@ def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None
     model = inner_module(model)
     names = resolve_layers(model, layers)
     device = device_of(model, device)
-    loader = make_loader(data, batch_size=batch_size, shard=dist_shard())
     moments = [_Moments() for _ in names]
     count = 0
     with eval_mode(model):
-        for batch in loader:
-            x = batch_inputs(batch).to(device, non_blocking=device.type == "cuda")
+        for batch in _batches(data, batch_size):
+            x = _to(batch if isinstance(batch, Mapping) else batch_inputs(batch), device)
             if copy is None:
                 copy = inplace_modified(model, names, x, select)
             with ActivationCapture(model, names, select=select, copy=copy) as cap:
-                model(x)
+                call_model(model, x)
                 acts = cap.outputs()
-            mask = None if mask_fn is None else check_mask(mask_fn(x), x)
+            mask = _batch_mask(x, mask_fn, mask_key)
+            if mask is not None:
+                mask = check_mask(mask, acts[0])
             finite = []
             for name, module, mom, a in zip(names, cap.modules, moments, acts):
                 sd = rows_start_dim(module, a, start_dim)
@@ -179,8 +189,41 @@ def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None
                 finite.append(mom.add_batch(rows, per))
             if not bool(torch.stack(finite).all()):
                 raise nonfinite_error(model, x, count)
-            count += x.shape[0]
+            count += _batch_len(x)
     return _finalize(names, moments, count, per)
+
+
+def _batches(data, batch_size: int):
+    """The batches of ``data``; a list of dict batches is this process's share of the list."""
+    if isinstance(data, (list, tuple)) and data and all(isinstance(b, Mapping) for b in data):
+        rank, world = dist_shard() or (0, 1)
+        return list(data)[rank::world]
+    return make_loader(data, batch_size=batch_size, shard=dist_shard())
+
+
+def _to(x, device: torch.device):
+    """``x`` (a tensor, or a dict of tensors and other values) on ``device``."""
+    nb = device.type == "cuda"
+    if isinstance(x, Mapping):
+        return {k: v.to(device, non_blocking=nb) if isinstance(v, Tensor) else v
+                for k, v in x.items()}
+    return x.to(device, non_blocking=nb)
+
+
+def _batch_len(x) -> int:
+    """The number of samples of a batch: its first tensor's first dimension."""
+    if isinstance(x, Mapping):
+        return next(len(v) for v in x.values() if isinstance(v, Tensor) and v.dim() > 0)
+    return x.shape[0]
+
+
+def _batch_mask(x, mask_fn, mask_key) -> Optional[Tensor]:
+    """The padding mask of a batch: ``mask_fn(x)``, else ``x[mask_key]`` of a dict batch."""
+    if mask_fn is not None:
+        return mask_fn(x)
+    if isinstance(x, Mapping) and mask_key is not None:
+        return x.get(mask_key)
+    return None
 
 
 @torch.no_grad()
@@ -189,7 +232,8 @@ def nonfinite_error(model: nn.Module, x: Tensor, offset: int, data: str = "data"
     whose activations are not finite: it names the first sample with a non-finite input, else
     the first module of ``model`` (in forward order) whose output is not finite, and on which
     sample. Runs ``model`` (in its current mode) on ``x`` again to find that module."""
-    if x.is_floating_point() or x.is_complex():
+    n = _batch_len(x)
+    if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()):
         bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
         if bool(bad.any()):
             return ValueError(f"{data}: sample {offset + int(bad.nonzero()[0])} has NaN or "
@@ -201,19 +245,19 @@ def nonfinite_error(model: nn.Module, x: Tensor, offset: int, data: str = "data"
         if found or not isinstance(t, Tensor) or not t.is_floating_point() \
                 or bool(torch.isfinite(t).all()):
             return
-        per_sample = t.dim() > 0 and len(t) == len(x)
+        per_sample = t.dim() > 0 and len(t) == n
         bad = ~torch.isfinite(t.reshape(len(t), -1)).all(1) if per_sample else None
         found.append((name, int(bad.nonzero()[0]) if per_sample else None))
 
     handles = [m.register_forward_hook(lambda m, i, o, name=name: hook(name, o))
                for name, m in model.named_modules() if name]
     try:
-        model(x)
+        call_model(model, x)
     finally:
         for h in handles:
             h.remove()
     name, i = found[0] if found else (None, None)
-    where = f"samples {offset}-{offset + len(x) - 1}" if i is None else f"sample {offset + i}"
+    where = f"samples {offset}-{offset + n - 1}" if i is None else f"sample {offset + i}"
     if name is None:
         return ValueError(f"{data}: the model's activations are not finite (NaN or inf) on "
                           f"{where}, while the inputs and every submodule's output are finite; "

@@ -126,9 +126,9 @@ def test_layer_stats_refuse_negative_std_and_warn_once_on_zero(monkeypatch):
         LayerStats(["a"], mean[:1], [torch.zeros(3)], "channel", 4)
 
 
-def test_collect_stats_takes_input_only_batches_and_refuses_dicts():
-    """Statistics need no labels: a loader of inputs alone works; dict batches get a clear
-    error instead of KeyError: 0."""
+def test_collect_stats_takes_input_only_batches_and_dicts():
+    """Statistics need no labels: a loader of inputs alone works; dict batches are passed to the
+    model as keyword arguments."""
     from torch.utils.data import DataLoader
 
     torch.manual_seed(0)
@@ -138,5 +138,6 @@ def test_collect_stats_takes_input_only_batches_and_refuses_dicts():
     only_x = mf.collect_stats(model, DataLoader(X, batch_size=7), ["layers.0"])
     torch.testing.assert_close(only_x.mean[0], ref.mean[0])
     dicts = DataLoader([{"x": x} for x in X], batch_size=7)
-    with pytest.raises(TypeError, match="dict batches are not supported"):
-        mf.collect_stats(model, dicts, ["layers.0"])
+    from_dicts = mf.collect_stats(model, dicts, ["layers.0"])
+    torch.testing.assert_close(from_dicts.mean[0], ref.mean[0])
+    assert from_dicts.count == 20

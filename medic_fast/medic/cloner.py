@@ -1,5 +1,6 @@
 """MEDIC inside any training loop: :class:`Cloner`, the one clone objective of the package.
 
+``loss = cloner(batch)`` (a Hugging Face dict batch, or ``(inputs, labels)``) or
 ``loss = cloner(inputs, labels, mask)`` is ``CE(student(inputs), labels) + lam *
 importance_clone_loss(all hooked layers)`` for one step; the caller runs ``backward`` and steps
 the optimizer (:func:`medic_fast.sanitize` does this with :func:`medic_fast.train.fit`). It works
@@ -12,8 +13,9 @@ checkpointed student in backward does not fire them, and the models run hook-fre
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +23,52 @@ from torch import Tensor, nn
 
 from medic_fast._utils import check_int, check_module, check_number, device_of, eval_mode, \
     inner_module
-from medic_fast.capture import (ActivationCapture, check_mask, inplace_modified, mask_applies,
-                                resolve_layers, rows_start_dim, teacher_signals)
+from medic_fast.capture import (ActivationCapture, call_model, check_mask, inplace_modified,
+                                mask_applies, resolve_layers, rows_start_dim, teacher_signals)
 from medic_fast.ops.importance_clone import CRITERIA, importance_clone_loss
 from medic_fast.stats import LayerStats
 
-__all__ = ["Cloner", "CloneStep", "masked_clone_loss"]
+__all__ = ["Cloner", "CloneStep", "masked_clone_loss", "default_forward", "default_loss"]
+
+
+def default_forward(model: nn.Module, batch):
+    """The model's output on a batch: ``model(**batch)`` for a dict (labels included, so a
+    Hugging Face model computes its own ``.loss``), ``model(inputs)`` for ``(inputs, labels)``."""
+    if isinstance(batch, Mapping):
+        return call_model(model, batch)
+    return model(batch[0])
+
+
+def _field(output, key: str):
+    if isinstance(output, Mapping):
+        return output.get(key)
+    return getattr(output, key, None)
+
+
+def default_loss(output, batch) -> Tensor:
+    """The CE of a model's output: its own ``.loss`` when it has one (a Hugging Face model given
+    ``labels``: shifted for causal LMs, ``-100`` ignored), else ``cross_entropy`` of its
+    ``.logits`` (or the output itself, or a tuple's first element) against the labels
+    (``batch["labels"]`` or ``batch[1]``). Logits ``[..., V]`` with labels of shape ``[...]``
+    (per-token labels) are scored position by position, **unshifted**, ignoring ``-100``: pass
+    labels already shifted, or let the model compute ``.loss``."""
+    loss = _field(output, "loss")
+    if isinstance(loss, Tensor):
+        return loss
+    logits = _field(output, "logits")
+    if logits is None:
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"the model returned {type(output).__name__} with neither .loss nor "
+                        ".logits; pass loss_fn=(output, batch) -> CE")
+    labels = batch.get("labels") if isinstance(batch, Mapping) else batch[1]
+    if labels is None:
+        raise ValueError("the batch has no labels and the model's output no .loss: add "
+                         "'labels' to the batch or pass loss_fn=(output, batch) -> CE")
+    if logits.dim() == labels.dim() + 1 and logits.dim() > 2 \
+            and logits.shape[:-1] == labels.shape:
+        return F.cross_entropy(logits.flatten(0, -2), labels.flatten())
+    return F.cross_entropy(logits, labels)
 
 
 def masked_clone_loss(acts_t, acts_c, grads, mean, std, mask: Tensor, *, tau: float,
@@ -52,17 +94,32 @@ def masked_clone_loss(acts_t, acts_c, grads, mean, std, mask: Tensor, *, tau: fl
 
 @dataclass(frozen=True)
 class CloneStep:
-    """The parts of the last :class:`Cloner` step, detached, for logging."""
+    """The parts of the last :class:`Cloner` step: CE and clone loss (detached, for logging)
+    and the student's own output object (a Hugging Face ``ModelOutput``, logits...)."""
     ce: Tensor
     clone: Tensor
+    student_output: Any = None
 
 
 class Cloner:
     """One MEDIC training step's loss for a loop the user owns.
 
-    ``loss = cloner(inputs, labels, mask=None)`` returns ``CE(student(inputs), labels) + lam *
-    sum_layers importance_clone_loss``; then ``loss.backward(); optimizer.step()``.
-    ``cloner.last`` holds the step's CE and clone loss (detached).
+    ``loss = cloner(batch)`` (a dict batch, as a Hugging Face model takes it, or an
+    ``(inputs, labels)`` tuple) or ``loss = cloner(inputs, labels, mask=None)`` returns
+    ``CE(student, batch) + lam * sum_layers importance_clone_loss``; then
+    ``loss.backward(); optimizer.step()``. ``cloner.last`` holds the step's CE and clone loss
+    (detached) and the student's own output object (``.student_output``).
+
+    Batches:
+
+    * a dict goes to both models as keyword arguments, labels included (``model(**batch)``), so
+      the teacher's importance signals are the gradients of its own loss, the same loss the
+      student is trained on; the CE is :func:`default_loss` (the model's ``.loss`` when it
+      returns one, else CE on ``.logits`` against ``batch["labels"]``, unshifted);
+    * ``(inputs, labels)``: ``model(inputs)`` and ``cross_entropy(output, labels)``, as before.
+
+    ``forward=(model, batch) -> output`` and ``loss_fn=(output, batch) -> CE`` replace these
+    (the batch the hooks get is the dict, or the ``(inputs, labels)`` tuple).
 
     Args:
         teacher: the trojaned model (a DDP / compiled wrapper is unwrapped). It runs in eval mode
@@ -70,9 +127,12 @@ class Cloner:
             its forward keeps nothing for parameter gradients. Its activations and gradients
             live only until the step's backward frees the graph.
         student: the clone being trained, as the user runs it: plain, DDP-wrapped (gradients are
-            synchronised by calling the wrapper) or ``torch.compile``-d; ``layers`` name
-            submodules of the inner module.
-        layers: module names to clone (conv/BN outputs, transformer blocks, attention, MLPs...).
+            synchronised by calling the wrapper) or ``torch.compile``-d.
+        layers: what to clone (conv/BN outputs, transformer blocks, attention, MLPs...): module
+            names, module objects, glob patterns (``"transformer.h.*"``) or ``"blocks"`` (the
+            repeated blocks of a Hugging Face model), resolved by
+            :func:`~medic_fast.capture.find_layers`; names resolve through DDP / compile /
+            FSDP1 / checkpoint wrappers on either side.
         stats: :class:`~medic_fast.stats.LayerStats` of the teacher for ``layers``, from
             :func:`~medic_fast.stats.collect_stats` (with the same ``start_dim`` and ``select``),
             on any device: they follow the activations (also models moved after construction).
@@ -86,17 +146,23 @@ class Cloner:
             before ``ReLU(inplace=True)``); ``None`` finds them on the first call with one
             forward of the teacher without gradients.
         backend: of the loss (``"auto"``: the fused kernel for the device).
+        forward, loss_fn: the hooks above.
+        mask_key: the key of a dict batch that holds the padding mask (``None``: none).
 
-    ``mask`` (``[B, T]``, True at real tokens) applies to the layers whose rows are ``[B, T]``:
-    their loss is the mean over real tokens; rows of the same rank but another shape are an
-    error. The CE is the student's own (its model handles padding). Reentrant checkpointing in
-    the student is detected and refused.
+    ``mask`` (``[B, T]``, True or 1 at real tokens; by default ``batch["attention_mask"]`` of a
+    dict batch) applies to the layers whose rows are ``[B, T]``: their loss is the mean over
+    real tokens; rows of the same rank but another shape (a shifted or transposed mask) raise a
+    ``ValueError`` naming the layer and both shapes. The CE is the student's own (its model
+    handles padding). Reentrant checkpointing in the student is detected and refused.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, layers: Sequence[str],
-                 stats: LayerStats, tau: float = 5.0, lam: float = 10.0, *,
-                 criterion: str = "abs", start_dim: Optional[int] = None, select=None,
-                 copy: Optional[Sequence[str]] = None, backend: str = "auto"):
+    def __init__(self, teacher: nn.Module, student: nn.Module, layers, stats: LayerStats,
+                 tau: float = 5.0, lam: float = 10.0, *, criterion: str = "abs",
+                 start_dim: Optional[int] = None, select=None, copy=None,
+                 backend: str = "auto",
+                 forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+                 loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
+                 mask_key: Optional[str] = "attention_mask"):
         check_module("teacher", teacher)
         check_module("student", student)
         if not isinstance(stats, LayerStats):
@@ -107,8 +173,11 @@ class Cloner:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
         if start_dim is not None:
             check_int("start_dim", start_dim, 1)
+        for name, fn in (("forward", forward), ("loss_fn", loss_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
         self.teacher, self.student = inner_module(teacher), student
-        names = resolve_layers(self.teacher, layers)
+        names = resolve_layers(self.teacher, layers, also=inner_module(student))
         resolve_layers(inner_module(student), names)
         if list(stats.layers) != names:
             raise ValueError(f"stats are for layers {stats.layers}, but layers is {names}")
@@ -116,8 +185,12 @@ class Cloner:
         self.stats = stats.to(device_of(inner_module(student)))
         self.criterion, self.start_dim, self.backend = criterion, start_dim, backend
         self.select = select
+        self.forward = forward or default_forward
+        self.loss_fn = loss_fn or default_loss
+        self.mask_key = mask_key
         self.copy = None if copy is None else list(copy)
         self.last: Optional[CloneStep] = None
+        self._output = None
         self._tcap = self._ccap = None
         if self.copy is not None:
             self._make_captures()
@@ -128,13 +201,28 @@ class Cloner:
         self._ccap = ActivationCapture(inner_module(self.student), self.layers,
                                        select=self.select, copy=self.copy)
 
-    def __call__(self, inputs, labels: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        ce, clone = self.losses(inputs, labels, mask)
-        self.last = CloneStep(ce.detach(), clone.detach())
+    def __call__(self, batch, labels: Optional[Tensor] = None,
+                 mask: Optional[Tensor] = None) -> Tensor:
+        ce, clone = self.losses(batch, labels, mask)
+        self.last = CloneStep(ce.detach(), clone.detach(), self._output)
+        self._output = None
         return ce + self.lam * clone
 
+    def _batch(self, batch, labels):
+        """The step's batch as the hooks see it: a dict, or ``(inputs, labels)``."""
+        if labels is not None:
+            return (batch, labels)
+        if isinstance(batch, Mapping):
+            return batch
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            return (batch[0], batch[1])
+        if self.loss_fn is not default_loss:
+            return (batch, None)
+        raise TypeError(f"cloner(batch) takes a dict batch or an (inputs, labels) tuple, or "
+                        f"cloner(inputs, labels); got {type(batch).__name__} without labels")
+
     @torch.compiler.disable
-    def losses(self, inputs, labels: Tensor, mask: Optional[Tensor] = None
+    def losses(self, batch, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None
                ) -> Tuple[Tensor, Tensor]:
         """``(CE, clone loss)`` of the step, before weighting.
 
@@ -142,13 +230,30 @@ class Cloner:
         compiled frame): in a compiled step it runs eagerly, while a ``torch.compile``-d
         student (or teacher) passed to the Cloner runs its compiled code with the hooks.
         """
+        batch = self._batch(batch, labels)
+        if mask is None and isinstance(batch, Mapping) and self.mask_key is not None:
+            mask = batch.get(self.mask_key)
+        plain = (self.forward is default_forward and self.loss_fn is default_loss
+                 and not isinstance(batch, Mapping))
         if self._tcap is None:
-            self.copy = inplace_modified(self.teacher, self.layers, inputs, self.select)
+            self.copy = inplace_modified(self.teacher, self.layers, batch, self.select,
+                                         forward=self.forward)
             self._make_captures()
+
+        def teacher_ce():
+            return self.loss_fn(self.forward(self.teacher, batch), batch)
+
         with eval_mode(self.teacher), self._tcap as tcap, self._ccap as ccap:
-            acts_t, grads = teacher_signals(self.teacher, tcap, inputs, labels)
-            ce = F.cross_entropy(self.student(inputs), labels)
+            if plain:  # (inputs, labels): exactly the CE of before
+                acts_t, grads = teacher_signals(self.teacher, tcap, batch[0], batch[1])
+                out = self.student(batch[0])
+                ce = F.cross_entropy(out, batch[1])
+            else:
+                acts_t, grads = teacher_signals(self.teacher, tcap, None, None, loss=teacher_ce)
+                out = self.forward(self.student, batch)
+                ce = self.loss_fn(out, batch)
             acts_c = ccap.outputs()
+        self._output = out
         if torch.is_grad_enabled():
             frozen = [n for n, c in zip(self.layers, acts_c) if not c.requires_grad]
             if frozen:

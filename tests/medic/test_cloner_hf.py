@@ -1,0 +1,232 @@
+"""The Cloner and collect_stats on Hugging Face models and dict batches (tiny GPT-2 and Llama built
+from configs, no downloads): a plain loop, the model's own loss, padding masks, layer resolution
+("blocks", globs, wrappers), and the float64 reference."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed "
+                                   "(pip install medic-fast[hf])")
+
+from medic_fast.capture import ActivationCapture, find_layers, resolve_layers  # noqa: E402
+from medic_fast.medic.cloner import Cloner  # noqa: E402
+from medic_fast.stats import collect_stats  # noqa: E402
+
+V, T, B = 50, 8, 3
+
+
+def _gpt2(seed):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                  attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _llama(seed):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, max_position_embeddings=16)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+MODELS = {"gpt2": (_gpt2, "transformer.h"), "llama": (_llama, "model.layers")}
+
+
+def _pair(kind):
+    make, blocks = MODELS[kind]
+    teacher = make(0).eval().requires_grad_(False)
+    return teacher, make(1), [f"{blocks}.0", f"{blocks}.1"]
+
+
+def _batch(seed=0, pad=True):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    am = torch.ones(B, T, dtype=torch.long)
+    if pad:
+        am[0, 5:] = 0
+        am[2, 3:] = 0
+    labels = ids.masked_fill(am == 0, -100)
+    return {"input_ids": ids, "attention_mask": am, "labels": labels}
+
+
+def _stats(teacher, layers):
+    return collect_stats(teacher, [_batch(1), _batch(2)], layers)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_plain_loop_with_dict_batches(kind):
+    teacher, student, layers = _pair(kind)
+    cloner = Cloner(teacher, student, layers, _stats(teacher, layers))
+    state = copy.deepcopy(teacher.state_dict())
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    before = copy.deepcopy(student.state_dict())
+    for step in range(2):
+        batch = _batch(step)
+        loss = cloner(batch)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in teacher.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+        opt.step()
+    out = cloner.last.student_output
+    assert isinstance(out, transformers.utils.ModelOutput) and out.logits.shape == (B, T, V)
+    assert torch.isfinite(cloner.last.clone) and cloner.last.clone > 0
+    assert all(torch.equal(state[k], v) for k, v in teacher.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_ce_is_the_models_own_loss(kind):
+    teacher, student, layers = _pair(kind)
+    batch = _batch()
+    cloner = Cloner(teacher, student, layers, _stats(teacher, layers))
+    cloner(batch)
+    with torch.no_grad():
+        own = student(**batch).loss
+    torch.testing.assert_close(cloner.last.ce, own)
+    # without .loss (no labels to the model): CE on the logits against the labels, unshifted,
+    # through forward= and the default loss; a loss_fn hook replaces it
+    labels = batch["labels"]
+    fwd = Cloner(teacher, student, layers, cloner.stats,
+                 forward=lambda m, b: m(input_ids=b["input_ids"],
+                                        attention_mask=b["attention_mask"]))
+    fwd(batch)
+    logits = fwd.last.student_output.logits.detach()
+    torch.testing.assert_close(fwd.last.ce, F.cross_entropy(logits.reshape(-1, V),
+                                                            labels.reshape(-1)))
+    hook = Cloner(teacher, student, layers, cloner.stats,
+                  loss_fn=lambda out, b: out.logits.float().logsumexp(-1).mean())
+    hook(batch)
+    torch.testing.assert_close(hook.last.ce, logits.logsumexp(-1).mean())
+
+
+def test_wrong_shape_mask_raises_naming_the_layer():
+    teacher, student, layers = _pair("gpt2")
+    cloner = Cloner(teacher, student, layers, _stats(teacher, layers))
+    batch = _batch()
+    am = batch["attention_mask"]
+    for bad in (am[:, 1:], am.t()):
+        with pytest.raises(ValueError, match=r"'transformer\.h\.0'.*rows \(3, 8\)"):
+            cloner(batch, mask=bad)
+    with pytest.raises(ValueError, match=r"mask has shape \(2, 3\)"):
+        collect_stats(teacher, [batch], layers, mask_fn=lambda b: b["attention_mask"].t()[:2])
+
+
+def test_blocks_and_globs_resolve():
+    for kind, (make, blocks) in MODELS.items():
+        model = make(0)
+        mods = dict(model.named_modules())
+        expected = [f"{blocks}.0", f"{blocks}.1"]
+        assert resolve_layers(model, "blocks") == expected
+        assert resolve_layers(model, f"{blocks}.*") == expected
+        assert resolve_layers(model, [f"{blocks}.*.mlp"]) == [f"{blocks}.0.mlp",
+                                                               f"{blocks}.1.mlp"]
+        names, modules = find_layers(model, [mods[expected[1]], expected[0]])
+        assert names == [expected[1], expected[0]]
+        assert modules == [mods[expected[1]], mods[expected[0]]]
+    with pytest.raises(ValueError, match="matches no submodule"):
+        resolve_layers(_gpt2(0), "transformer.x.*")
+
+
+class _Wrapper(nn.Module):
+    """Like DDP / accelerate: holds the model as ``.module`` and forwards to it."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kw):
+        return self.module(*args, **kw)
+
+
+def test_names_resolve_through_wrappers():
+    model = _gpt2(0)
+    inner = dict(model.named_modules())["transformer.h.1"]
+    compiled = torch.compile(model, backend="eager")
+    for wrapped in (compiled, _Wrapper(model), _Wrapper(compiled)):
+        for name in ("transformer.h.1", "module.transformer.h.1", "_orig_mod.transformer.h.1",
+                     "module._orig_mod.transformer.h.1"):
+            names, modules = find_layers(wrapped, [name])
+            assert names == ["transformer.h.1"] and modules == [inner]
+        assert resolve_layers(wrapped, "blocks") == ["transformer.h.0", "transformer.h.1"]
+        assert resolve_layers(wrapped, ["transformer.h.*"]) == ["transformer.h.0",
+                                                                "transformer.h.1"]
+    # a name given for the wrapped model resolves in the plain one
+    assert resolve_layers(model, ["module._orig_mod.transformer.h.1"]) == ["transformer.h.1"]
+    with ActivationCapture(_Wrapper(model), ["module.transformer.h.1"]) as cap, \
+            torch.no_grad():
+        model(**_batch())
+        (a,) = cap.outputs()
+    assert a.shape == (B, T, 16)
+
+
+def test_collect_stats_dict_batches_count_real_tokens_only():
+    teacher, _, layers = _pair("llama")
+    batches = [_batch(1), _batch(2)]
+    stats = collect_stats(teacher, batches, layers)
+    store = {n: [] for n in layers}
+    mods = dict(teacher.named_modules())
+    hs = [mods[n].register_forward_hook(
+        lambda m, i, o, n=n: store[n].append(o[0] if isinstance(o, tuple) else o))
+        for n in layers]
+    with torch.no_grad():
+        for b in batches:
+            teacher(**b)
+    for h in hs:
+        h.remove()
+    for n, mean, std in zip(layers, stats.mean, stats.std):
+        rows = torch.cat([o[b["attention_mask"].bool()] for o, b in zip(store[n], batches)])
+        rows = rows.double()
+        torch.testing.assert_close(mean.double(), rows.mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(std.double(), rows.std(0, correction=0), rtol=1e-5,
+                                   atol=1e-5)
+    assert stats.count == 2 * B
+
+
+def _reference(teacher, student, batch, layers, stats, tau=5.0, lam=10.0):
+    """The Cloner's loss on a HF model in float64 PyTorch, hooks and autograd only."""
+    tref = copy.deepcopy(teacher).double().requires_grad_(True)
+    store, hs = {}, []
+    for model, tag in ((tref, "t"), (student, "c")):
+        mods = dict(model.named_modules())
+        for n in layers:
+            hs.append(mods[n].register_forward_hook(
+                lambda m, i, o, k=(tag, n): store.__setitem__(
+                    k, o[0] if isinstance(o, tuple) else o)))
+    ce_t = tref(**batch).loss
+    acts_t = [store["t", n] for n in layers]
+    grads = torch.autograd.grad(ce_t, acts_t)
+    ce = student(**batch).loss
+    for h in hs:
+        h.remove()
+    mask = batch["attention_mask"].bool()
+    total = ce.double()
+    for n, t, g, mu, sd in zip(layers, acts_t, grads, stats.mean, stats.std):
+        c = store["c", n].double()
+        s = sd.double() + 1e-5
+        a = tau * ((t - mu.double()) / s).abs()
+        q = tau * s * g
+        w = torch.sqrt(torch.softmax(a, -1) * torch.softmax(q, -1))
+        rows = (w * ((t.detach() - c) / s) ** 2).sum(-1)
+        total = total + lam * rows[mask].mean()
+    return total
+
+
+def test_cloner_equals_float64_reference():
+    teacher, student, layers = _pair("gpt2")
+    stats = _stats(teacher, layers)
+    batch = _batch()
+    cloner = Cloner(teacher, student, "blocks", stats)
+    loss = cloner(batch)
+    params = list(student.parameters())
+    grads = torch.autograd.grad(loss, params)
+    ref = _reference(teacher, student, batch, layers, cloner.stats)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r.float(), rtol=1e-3, atol=1e-5)
