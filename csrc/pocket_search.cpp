@@ -288,22 +288,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pocket_search_mlp_cpu(
 // The fused step for any other head
 // ----------------------------------------------------------------------------------------------
 
-// logits [A (k+1), C] of rows [A, k+1, D] (active problems `idx` into source/target).
-// Returns the logit gradients and each active problem's status at this step.
-std::tuple<at::Tensor, at::Tensor> pocket_step_logits_cpu(
-    const at::Tensor& logits, const at::Tensor& rows, const at::Tensor& idx,
-    const at::Tensor& source, const at::Tensor& target, double lo, double hi, double margin) {
+// The shapes and dtypes pocket_step_logits takes, on either device; returns {n, D, C}:
+// active problems, features, classes.
+std::array<int64_t, 3> check_logits_args(const at::Tensor& logits, const at::Tensor& rows,
+                                         const at::Tensor& idx, const at::Tensor& source,
+                                         const at::Tensor& target) {
   TORCH_CHECK(rows.dim() == 3 && rows.scalar_type() == at::kFloat,
               "rows must be float32 [active, k + 1, D]");
-  const int64_t n = rows.size(0), r = rows.size(1), D = rows.size(2), k = r - 1;
-  TORCH_CHECK(k >= 1, "rows must hold k >= 1 anchors and a centroid");
+  const int64_t n = rows.size(0), r = rows.size(1), D = rows.size(2);
+  TORCH_CHECK(r >= 2, "rows must hold k >= 1 anchors and a centroid");
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat &&
                   logits.size(0) == n * r && logits.size(1) >= 2,
               "logits must be float32 [", n * r, ", classes >= 2]");
   TORCH_CHECK(idx.dim() == 1 && idx.size(0) == n && idx.scalar_type() == at::kLong,
               "idx must be int64 [active]");
   check_problem_tensors(source, target, source.size(0));
-  const int64_t C = logits.size(1);
+  return {n, D, logits.size(1)};
+}
+
+// logits [A (k+1), C] of rows [A, k+1, D] (active problems `idx` into source/target).
+// Returns the logit gradients and each active problem's status at this step.
+std::tuple<at::Tensor, at::Tensor> pocket_step_logits_cpu(
+    const at::Tensor& logits, const at::Tensor& rows, const at::Tensor& idx,
+    const at::Tensor& source, const at::Tensor& target, double lo, double hi, double margin) {
+  const std::array<int64_t, 3> dims = check_logits_args(logits, rows, idx, source, target);
+  const int64_t n = dims[0], D = dims[1], C = dims[2], r = rows.size(1), k = r - 1;
   const at::Tensor z = logits.contiguous(), x = rows.contiguous(), ix = idx.contiguous();
   const at::Tensor src = source.contiguous(), tgt = target.contiguous();
   at::Tensor g = at::empty_like(z);
@@ -562,17 +571,8 @@ std::tuple<at::Tensor, at::Tensor> pocket_step_logits_cuda(
   check_on(idx, "idx", device, op);
   check_on(source, "source", device, op);
   check_on(target, "target", device, op);
-  TORCH_CHECK(rows.dim() == 3 && rows.scalar_type() == at::kFloat,
-              "rows must be float32 [active, k + 1, D]");
-  const int64_t n = rows.size(0), r = rows.size(1), D = rows.size(2), k = r - 1;
-  TORCH_CHECK(k >= 1, "rows must hold k >= 1 anchors and a centroid");
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat &&
-                  logits.size(0) == n * r && logits.size(1) >= 2,
-              "logits must be float32 [", n * r, ", classes >= 2]");
-  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == n && idx.scalar_type() == at::kLong,
-              "idx must be int64 [active]");
-  check_problem_tensors(source, target, source.size(0));
-  const int64_t C = logits.size(1);
+  const std::array<int64_t, 3> dims = check_logits_args(logits, rows, idx, source, target);
+  const int64_t n = dims[0], D = dims[1], C = dims[2], r = rows.size(1), k = r - 1;
   const at::Tensor z = logits.contiguous(), x = rows.contiguous(), ix = idx.contiguous();
   const at::Tensor src = source.contiguous(), tgt = target.contiguous();
   check_ranges(src, tgt, C, ix, src.size(0), op);

@@ -39,6 +39,18 @@ def double_backward_grads(model, layers, x, y):
     return [acts[n].detach() for n in layers], [acts[n].grad for n in layers]
 
 
+def float64_clone_rows(t, c, g, mean, std, tau, eps=1e-5):
+    """Per-row importance clone losses in float64, written out from the paper's formula (eq.
+    1-4, absolute criterion) as an oracle independent of the library: rows are all dims but the
+    last; ``t``, ``g`` float64 already, ``c`` any float dtype (it keeps its graph)."""
+    c = c.double()
+    s = std.double() + eps
+    a = tau * ((t - mean.double()) / s).abs()
+    q = tau * s * g
+    w = torch.sqrt(torch.softmax(a, -1) * torch.softmax(q, -1))
+    return (w * ((t.detach() - c) / s) ** 2).sum(-1)
+
+
 def has_extension() -> bool:
     """Whether the C++ extension builds and loads here."""
     try:

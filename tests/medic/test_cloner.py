@@ -21,7 +21,7 @@ from medic_fast.stats import collect_stats
 from medic_fast.zoo import datasets, models
 from medic_fast.zoo.transformer import (TinyTransformer, TokenTrigger, make_sequences,
                                         padding_mask)
-from shared import DEVICES
+from shared import DEVICES, float64_clone_rows
 
 LAYERS = ["blocks.0", "blocks.1.self_attn", "blocks.1.mlp"]
 
@@ -164,12 +164,7 @@ def _reference_loss(teacher, student, X, y, mask, stats, tau=5.0, lam=10.0):
         h.remove()
     total = F.cross_entropy(logits, y)
     for n, t, g, mu, sd in zip(LAYERS, acts_t, grads, stats.mean, stats.std):
-        c = store_c[n].double()
-        s = sd.double() + 1e-5
-        a = tau * ((t - mu.double()) / s).abs()
-        q = tau * s * g
-        w = torch.sqrt(torch.softmax(a, -1) * torch.softmax(q, -1))
-        rows = (w * ((t.detach() - c) / s) ** 2).sum(-1)
+        rows = float64_clone_rows(t, store_c[n], g, mu, sd, tau)
         total = total + lam * rows[mask].mean()
     return total
 

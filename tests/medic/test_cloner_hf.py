@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 from medic_fast.capture import ActivationCapture, find_layers, resolve_layers  # noqa: E402
 from medic_fast.medic.cloner import Cloner  # noqa: E402
 from medic_fast.stats import collect_stats  # noqa: E402
+from shared import float64_clone_rows  # noqa: E402
 
 V, T, B = 50, 8, 3
 
@@ -207,12 +208,7 @@ def _reference(teacher, student, batch, layers, stats, tau=5.0, lam=10.0):
     mask = batch["attention_mask"].bool()
     total = ce.double()
     for n, t, g, mu, sd in zip(layers, acts_t, grads, stats.mean, stats.std):
-        c = store["c", n].double()
-        s = sd.double() + 1e-5
-        a = tau * ((t - mu.double()) / s).abs()
-        q = tau * s * g
-        w = torch.sqrt(torch.softmax(a, -1) * torch.softmax(q, -1))
-        rows = (w * ((t.detach() - c) / s) ** 2).sum(-1)
+        rows = float64_clone_rows(t, store["c", n], g, mu, sd, tau)
         total = total + lam * rows[mask].mean()
     return total
 
