@@ -1,0 +1,2 @@
+"""Integrations with other training libraries (optional dependencies, imported on demand):
+:mod:`medic_fast.integrations.hf` (Hugging Face ``Trainer``; ``pip install medic-fast[hf]``)."""
