@@ -1,4 +1,5 @@
-"""MEDIC on transformers (issue "Large models"): the demo, the step speed, the loss's memory.
+"""MEDIC on transformers (issue "Large models"): the demo, the step speed, the loss's memory, and
+a Hugging Face GPT-2 step.
 
 1. demo: train a trojaned TinyTransformer on the synthetic sequence task (a token-pattern
    trigger), clone it with MEDIC through ``medic_fast.Cloner`` on a small clean set, fine-tune a
@@ -8,16 +9,30 @@
    interleaved, median per round (a busy machine slows both alike); peak extra RSS of each.
 3. memory: the masked loss alone at activations [8, 1024, 4096] bf16: peak extra RSS as a
    multiple of acts_c, forward (with the kept gradient) and forward+backward.
+4. hf (issue 11, part 4; needs ``transformers``): a Hugging Face GPT-2 built from a config
+   (default 6 layers, d=512, 8 heads, vocab 8192, batch 8 x 256 tokens, random tokens with
+   right padding, ``attention_mask`` and ``labels``), teacher and student, every block hooked
+   (``layers="blocks"``): ``Cloner`` step (``loss = cloner(batch); loss.backward();
+   opt.step()``) vs the plain HF step (``student(**batch).loss.backward(); opt.step()``),
+   interleaved as in 2, in four settings: fp32 and bf16 autocast, each without and with the
+   student's non-reentrant gradient checkpointing. Median time, ratio (target <= 1.6x), peak
+   extra memory of each and the Cloner's overhead against the issue's budget: the teacher's
+   activations at the hooked blocks (sum of B*T*H*bytes) + 25% of one block's.
 
-    python benchmarks/bench_transformer.py [--parts demo,step,memory] [--rounds 3] [--repeats 5]
-                                           [--json PATH] [--csv PATH]
+    python benchmarks/bench_transformer.py [--parts demo,step,memory,hf] [--rounds 3]
+                                           [--repeats 5] [--json PATH] [--csv PATH]
+    python benchmarks/bench_transformer.py --parts hf [--hf-layers 6] [--hf-embd 512]
+                                           [--hf-heads 8] [--hf-vocab 8192] [--hf-batch 8]
+                                           [--hf-seq 256] [--hf-settings fp32,fp32+ckpt,...]
 
-Each part's rows (the demo's per model, the step's per round, the memory's per case) go to the
-files, tagged with the part.
+The default ``--parts`` is demo,step,memory (hf is asked for by name). Each part's rows (the
+demo's per model, the step's per round, the memory's per case, hf's per setting and round) go
+to the files, tagged with the part.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -93,6 +108,26 @@ def demo(args):
     return rows
 
 
+def _interleaved(plain, ours, rounds, repeats):
+    """``(t_plain, t_ours, ratios)``: per round the median seconds of ``repeats`` calls of each
+    step, the two interleaved call by call (a busy machine slows both alike), after two warm-up
+    calls of each; ``ratios`` is ours / plain per round."""
+    for f in (plain, ours, plain, ours):
+        f()
+    ratios, t_plain, t_ours = [], [], []
+    for _ in range(rounds):
+        tp, to = [], []
+        for _ in range(repeats):
+            for f, ts in ((plain, tp), (ours, to)):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+        t_plain.append(statistics.median(tp))
+        t_ours.append(statistics.median(to))
+        ratios.append(t_ours[-1] / t_plain[-1])
+    return t_plain, t_ours, ratios
+
+
 def step(args):
     """Cloner step vs plain CE step of a 6-layer d=512 transformer, batch 8 x 256 tokens."""
     kw = dict(vocab=1000, classes=10, d_model=512, depth=6, heads=8, max_len=256)
@@ -122,19 +157,7 @@ def step(args):
 
     plain = run(lambda X, y, m: F.cross_entropy(student(X), y))
     ours = run(cloner)
-    for f in (plain, ours, plain, ours):
-        f()
-    ratios, t_plain, t_ours = [], [], []
-    for _ in range(args.rounds):
-        tp, to = [], []
-        for _ in range(args.repeats):
-            for f, ts in ((plain, tp), (ours, to)):
-                t0 = time.perf_counter()
-                f()
-                ts.append(time.perf_counter() - t0)
-        t_plain.append(statistics.median(tp))
-        t_ours.append(statistics.median(to))
-        ratios.append(t_ours[-1] / t_plain[-1])
+    t_plain, t_ours, ratios = _interleaved(plain, ours, args.rounds, args.repeats)
 
     def reset():
         return opt.zero_grad(set_to_none=True)
@@ -192,6 +215,155 @@ def memory(args):
     return out
 
 
+HF_SETTINGS = {"fp32": (False, False), "fp32+ckpt": (False, True),
+               "bf16": (True, False), "bf16+ckpt": (True, True)}  # name -> (bf16 autocast, ckpt)
+
+
+def _hf_batches(n, batch, seq, vocab, seed=0):
+    """``n`` random GPT-2 batches: tokens, right padding to ``seq`` (real lengths uniform in
+    [3/4 seq, seq]), ``attention_mask`` and ``labels`` (-100 at padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+        lengths = torch.randint((3 * seq) // 4, seq + 1, (batch, 1), generator=gen)
+        am = (torch.arange(seq) < lengths).long()
+        out.append({"input_ids": ids, "attention_mask": am,
+                    "labels": ids.masked_fill(am == 0, -100)})
+    return out
+
+
+def _output_bytes(model, layers, batch, ctx):
+    """Bytes of each of ``layers``' outputs (the first tensor of a tuple) on ``batch``, under
+    the autocast context ``ctx``, as the Cloner's hooks see them."""
+    mods = dict(model.named_modules())
+    sizes = {}
+
+    def hook(name):
+        def fn(module, inputs, output):
+            t = output[0] if isinstance(output, (tuple, list)) else output
+            sizes[name] = t.numel() * t.element_size()
+        return fn
+
+    handles = [mods[n].register_forward_hook(hook(n)) for n in layers]
+    try:
+        with torch.no_grad(), ctx():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [sizes[n] for n in layers]
+
+
+def _checkpointing(model, on):
+    """The HF model's non-reentrant activation checkpointing on or off (``use_reentrant=False``:
+    the Cloner refuses reentrant checkpointing). ``activation_checkpointing_*`` where
+    transformers has it (>= 5.x; ``gradient_checkpointing_*`` is deprecated there), else
+    ``gradient_checkpointing_*``."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    state = getattr(model, "is_activation_checkpointing", None)
+    if (model.is_gradient_checkpointing if state is None else state) != on:
+        raise RuntimeError(f"could not turn gradient checkpointing {'on' if on else 'off'}")
+
+
+def hf(args):
+    """Cloner step vs plain HF step of a GPT-2 from a config, fp32 / bf16 autocast, without /
+    with non-reentrant gradient checkpointing of the student."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise SystemExit("--parts hf needs transformers (pip install medic-fast[hf])") from e
+    settings = args.hf_settings.split(",")
+    unknown = [s for s in settings if s not in HF_SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown --hf-settings {unknown}; of {list(HF_SETTINGS)}")
+    L, H, heads, V = args.hf_layers, args.hf_embd, args.hf_heads, args.hf_vocab
+    B, T = args.hf_batch, args.hf_seq
+
+    def gpt2(seed):
+        torch.manual_seed(seed)
+        cfg = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=H, n_layer=L,
+                                      n_head=heads, attn_pdrop=0.0, embd_pdrop=0.0,
+                                      resid_pdrop=0.0, use_cache=False,
+                                      bos_token_id=V - 1, eos_token_id=V - 1)
+        return transformers.GPT2LMHeadModel(cfg)
+
+    teacher = gpt2(0).eval().requires_grad_(False)
+    student = gpt2(1).train()
+    pool = _hf_batches(4, B, T, V)
+    stats = medic_fast.collect_stats(teacher, pool[:2], "blocks")
+    cloner = Cloner(teacher, student, "blocks", stats, tau=5.0, lam=10.0)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+    print(f"hf: GPT-2 {L} layers, d={H}, {heads} heads, vocab {V}, batch {B} x {T} tokens "
+          f"(3/4 to all real), {len(cloner.layers)} blocks hooked, "
+          f"{torch.get_num_threads()} threads")
+
+    def reset():
+        return opt.zero_grad(set_to_none=True)
+
+    rows, table = [], []
+    for name in settings:
+        bf16, ckpt = HF_SETTINGS[name]
+        _checkpointing(student, ckpt)
+
+        def ctx(bf16=bf16):
+            return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else \
+                contextlib.nullcontext()
+
+        def run(loss_fn, ctx=ctx):
+            it = iter(range(1 << 62))
+
+            def go():
+                b = pool[next(it) % len(pool)]
+                reset()
+                with ctx():
+                    loss = loss_fn(b)
+                loss.backward()
+                opt.step()
+            return go
+
+        plain = run(lambda b: student(**b).loss)
+        ours = run(cloner)
+        t_plain, t_ours, ratios = _interleaved(plain, ours, args.rounds, args.repeats)
+        mem_plain, mem_ours = peak_extra_bytes(plain, reset), peak_extra_bytes(ours, reset)
+        acts = _output_bytes(teacher, cloner.layers, pool[0], ctx)
+        budget = sum(acts) + 0.25 * max(acts)
+        over = mem_ours - mem_plain
+        tp, to = statistics.median(t_plain), statistics.median(t_ours)
+        table.append((name, tp, to, ratios, mem_plain, mem_ours, over, budget))
+        common = {"setting": name, "layers": L, "embd": H, "heads": heads, "vocab": V,
+                  "batch": B, "seq": T, "plain_peak_mib": mem_plain / MiB,
+                  "cloner_peak_mib": mem_ours / MiB, "overhead_mib": over / MiB,
+                  "hooked_acts_mib": sum(acts) / MiB, "budget_mib": budget / MiB,
+                  "overhead_x_budget": over / budget}
+        rows += [{**common, "round": i, "plain_ms": 1e3 * a, "cloner_ms": 1e3 * b, "ratio": r}
+                 for i, (a, b, r) in enumerate(zip(t_plain, t_ours, ratios))]
+
+    print("\n| setting | plain step | Cloner step | ratio (per round) | plain peak extra | "
+          "Cloner peak extra | overhead | budget | overhead / budget |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    for name, tp, to, ratios, mp, mo, over, budget in table:
+        per = ", ".join(f"{r:.2f}" for r in ratios)
+        print(f"| {name} | {1e3 * tp:.0f} ms | {1e3 * to:.0f} ms | "
+              f"**{statistics.median(ratios):.2f}x** ({per}) | {mp / MiB:.1f} MiB | "
+              f"{mo / MiB:.1f} MiB | {over / MiB:+.1f} MiB | {budget / MiB:.1f} MiB | "
+              f"{over / budget:.2f} |")
+    print("\nratio = Cloner / plain, median over rounds (target <= 1.6x); overhead = Cloner peak "
+          "- plain peak (RSS high-water mark over one step); budget = the teacher's outputs at the "
+          "hooked blocks (sum of B*T*H*bytes) + 25% of one block's (target: overhead / budget "
+          "<= 1)\n")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--parts", default="demo,step,memory")
@@ -201,13 +373,22 @@ def main():
     p.add_argument("--lam", type=float, default=10.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
+    g = p.add_argument_group("hf part (GPT-2 from a config)")
+    g.add_argument("--hf-layers", type=int, default=6)
+    g.add_argument("--hf-embd", type=int, default=512)
+    g.add_argument("--hf-heads", type=int, default=8)
+    g.add_argument("--hf-vocab", type=int, default=8192)
+    g.add_argument("--hf-batch", type=int, default=8)
+    g.add_argument("--hf-seq", type=int, default=256)
+    g.add_argument("--hf-settings", default=",".join(HF_SETTINGS),
+                   help=f"comma-separated, of {', '.join(HF_SETTINGS)}")
     add_output_options(p)
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []
     for part in args.parts.split(","):
         rows += [{"part": part, **r}
-                 for r in {"demo": demo, "step": step, "memory": memory}[part](args)]
+                 for r in {"demo": demo, "step": step, "memory": memory, "hf": hf}[part](args)]
     write_rows(rows, "bench_transformer", json_path=args.json, csv_path=args.csv)
 
 
