@@ -1,6 +1,7 @@
-"""CloneTrainer (medic_fast.integrations.hf) and the accelerate recipe on a tiny GPT-2 built from a
-config, on CPU, one process: training steps, gradient accumulation 2 against 1, evaluate(),
-save_model + from_pretrained with tied weights, and the Cloner on an accelerate-prepared model."""
+"""CloneTrainer (medic_fast.integrations.hf) and the accelerate recipe on a tiny GPT-2 (and
+Llama) built from a config, on CPU, one process: training steps, gradient accumulation 2 against
+1, evaluate(), save_model + from_pretrained with tied weights, and the Cloner on an
+accelerate-prepared model."""
 import copy
 
 import pytest
@@ -25,6 +26,17 @@ def _gpt2(seed):
     return transformers.GPT2LMHeadModel(cfg)
 
 
+def _llama(seed):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, max_position_embeddings=16)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+MODELS = {"gpt2": _gpt2, "llama": _llama}
+
+
 class Rows(torch.utils.data.Dataset):
     """n examples of dicts of tensors (no padding: every micro-batch has as many labels)."""
 
@@ -40,11 +52,11 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def _stats(teacher):
+def _stats(teacher, layers=LAYERS):
     data = Rows(8, seed=1)
     batches = [{k: torch.stack([data[i][k] for i in range(j, j + 4)]) for k in data[0]}
                for j in (0, 4)]
-    return collect_stats(teacher, batches, LAYERS)
+    return collect_stats(teacher, batches, layers)
 
 
 def _args(tmp_path, **kw):
@@ -54,13 +66,15 @@ def _args(tmp_path, **kw):
     return transformers.TrainingArguments(**base)
 
 
-def _trainer(tmp_path, student=None, teacher=None, **kw):
-    teacher = teacher if teacher is not None else _gpt2(0)
-    student = student if student is not None else _gpt2(1)
+def _trainer(tmp_path, student=None, teacher=None, arch="gpt2", **kw):
+    """A CloneTrainer on GPT-2 (its two blocks by name) or Llama (``layers="blocks"``)."""
+    teacher = teacher if teacher is not None else MODELS[arch](0)
+    student = student if student is not None else MODELS[arch](1)
+    layers = LAYERS if arch == "gpt2" else "blocks"
     data = kw.pop("train_dataset", Rows(8))
     return CloneTrainer(model=student, args=_args(tmp_path, **kw), train_dataset=data,
-                        eval_dataset=Rows(4, seed=3), teacher=teacher, stats=_stats(teacher),
-                        layers=LAYERS, tau=5.0, lam=10.0)
+                        eval_dataset=Rows(4, seed=3), teacher=teacher,
+                        stats=_stats(teacher, layers), layers=layers, tau=5.0, lam=10.0)
 
 
 def test_import_medic_fast_does_not_import_transformers():
@@ -71,11 +85,12 @@ def test_import_medic_fast_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_trains_and_leaves_the_teacher_untouched(tmp_path):
-    teacher = _gpt2(0)
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_trains_and_leaves_the_teacher_untouched(tmp_path, arch):
+    teacher = MODELS[arch](0)
     state = copy.deepcopy(teacher.state_dict())
-    trainer = _trainer(tmp_path, teacher=teacher, per_device_train_batch_size=4, max_steps=6,
-                       learning_rate=1e-2)
+    trainer = _trainer(tmp_path, teacher=teacher, arch=arch, per_device_train_batch_size=4,
+                       max_steps=6, learning_rate=1e-2)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
@@ -92,10 +107,12 @@ def test_trains_and_leaves_the_teacher_untouched(tmp_path):
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_gradient_accumulation_matches_one_full_batch(tmp_path):
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_gradient_accumulation_matches_one_full_batch(tmp_path, arch):
     params = {}
     for accum in (1, 2):
-        trainer = _trainer(tmp_path / str(accum), per_device_train_batch_size=4 // accum,
+        trainer = _trainer(tmp_path / str(accum), arch=arch,
+                           per_device_train_batch_size=4 // accum,
                            gradient_accumulation_steps=accum, max_steps=1, learning_rate=1e-2,
                            optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
                            train_dataset=Rows(4))
