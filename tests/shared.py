@@ -51,6 +51,31 @@ def float64_clone_rows(t, c, g, mean, std, tau, eps=1e-5):
     return (w * ((t.detach() - c) / s) ** 2).sum(-1)
 
 
+TINY_VOCAB = 50  # the vocabulary of the tiny Hugging Face models below
+
+
+def tiny_gpt2(seed):
+    """A 2-block GPT-2 LM (width 16, no dropout) built from a config after
+    ``torch.manual_seed(seed)``: no download. Needs ``transformers``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=TINY_VOCAB, n_positions=16, n_embd=16, n_layer=2,
+                                  n_head=2, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def tiny_llama(seed):
+    """A 2-layer Llama LM (width 16), as :func:`tiny_gpt2`."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, max_position_embeddings=16)
+    return transformers.LlamaForCausalLM(cfg)
+
+
 def has_extension() -> bool:
     """Whether the C++ extension builds and loads here."""
     try:

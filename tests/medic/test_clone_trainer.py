@@ -14,27 +14,13 @@ pytest.importorskip("accelerate", reason="accelerate is not installed (pip insta
 from medic_fast.integrations.hf import CloneTrainer  # noqa: E402
 from medic_fast.medic.cloner import Cloner  # noqa: E402
 from medic_fast.stats import collect_stats  # noqa: E402
+from shared import TINY_VOCAB, tiny_gpt2, tiny_llama  # noqa: E402
 
-V, T = 50, 8
+V, T = TINY_VOCAB, 8
 LAYERS = ["transformer.h.0", "transformer.h.1"]
 
 
-def _gpt2(seed):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                  attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-def _llama(seed):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32,
-                                   num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=2, max_position_embeddings=16)
-    return transformers.LlamaForCausalLM(cfg)
-
-
-MODELS = {"gpt2": _gpt2, "llama": _llama}
+MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 
 
 class Rows(torch.utils.data.Dataset):
@@ -160,7 +146,7 @@ def test_rebuilds_the_cloner_for_a_wrapped_model(tmp_path):
 def test_cloner_with_an_accelerate_prepared_model():
     import accelerate
     accelerator = accelerate.Accelerator(cpu=True)
-    teacher, student = _gpt2(0).eval().requires_grad_(False), _gpt2(1)
+    teacher, student = tiny_gpt2(0).eval().requires_grad_(False), tiny_gpt2(1)
     data = Rows(8)
     loader = torch.utils.data.DataLoader(data, batch_size=4)
     opt = torch.optim.SGD(student.parameters(), lr=1e-2)

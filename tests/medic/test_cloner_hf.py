@@ -14,27 +14,12 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 from medic_fast.capture import ActivationCapture, find_layers, resolve_layers  # noqa: E402
 from medic_fast.medic.cloner import Cloner  # noqa: E402
 from medic_fast.stats import collect_stats  # noqa: E402
-from shared import float64_clone_rows  # noqa: E402
+from shared import TINY_VOCAB, float64_clone_rows, tiny_gpt2, tiny_llama  # noqa: E402
 
-V, T, B = 50, 8, 3
-
-
-def _gpt2(seed):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                  attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(cfg)
+V, T, B = TINY_VOCAB, 8, 3
 
 
-def _llama(seed):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32,
-                                   num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=2, max_position_embeddings=16)
-    return transformers.LlamaForCausalLM(cfg)
-
-
-MODELS = {"gpt2": (_gpt2, "transformer.h"), "llama": (_llama, "model.layers")}
+MODELS = {"gpt2": (tiny_gpt2, "transformer.h"), "llama": (tiny_llama, "model.layers")}
 
 
 def _pair(kind):
@@ -131,7 +116,7 @@ def test_blocks_and_globs_resolve():
         assert names == [expected[1], expected[0]]
         assert modules == [mods[expected[1]], mods[expected[0]]]
     with pytest.raises(ValueError, match="matches no submodule"):
-        resolve_layers(_gpt2(0), "transformer.x.*")
+        resolve_layers(tiny_gpt2(0), "transformer.x.*")
 
 
 class _Wrapper(nn.Module):
@@ -146,7 +131,7 @@ class _Wrapper(nn.Module):
 
 
 def test_names_resolve_through_wrappers():
-    model = _gpt2(0)
+    model = tiny_gpt2(0)
     inner = dict(model.named_modules())["transformer.h.1"]
     compiled = torch.compile(model, backend="eager")
     for wrapped in (compiled, _Wrapper(model), _Wrapper(compiled)):

@@ -24,20 +24,15 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 from medic_fast.medic.cloner import Cloner  # noqa: E402
 from medic_fast.stats import LayerStats, collect_stats  # noqa: E402
+from shared import TINY_VOCAB, tiny_gpt2  # noqa: E402
 
-V, T, B = 50, 8, 4  # B: the full batch; rank r gets rows [r * B // 2, (r + 1) * B // 2)
+V, T, B = TINY_VOCAB, 8, 4  # B: the full batch; rank r gets rows [r * B // 2, (r + 1) * B // 2)
 WORLD = 2
 LAYERS = ["transformer.h.0", "transformer.h.1"]
 ENGINES = ("ddp", "fsdp2", "fsdp1")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for shared.py
 TIMEOUT = 240  # seconds: a hang fails the test instead of blocking CI
 WRAPPER_SEGMENTS = {"module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
-
-
-def _gpt2(seed):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                  attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(cfg)
 
 
 def _batch(seed, n=B):
@@ -79,7 +74,7 @@ def _from_numpy(d):
 def _step(engine, teacher, stats, rank):
     """One Cloner step (backward, no optimizer) of a student sharded by ``engine`` on this rank's
     half of the batch: ``{plain parameter name: full gradient}`` (numpy)."""
-    student = _gpt2(1)
+    student = tiny_gpt2(1)
     if engine == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(student)
     elif engine == "fsdp2":
@@ -119,7 +114,7 @@ def _worker(rank, init_file, out_dir):
                             world_size=WORLD)
     results = {}
     try:
-        teacher = _gpt2(0).eval().requires_grad_(False)
+        teacher = tiny_gpt2(0).eval().requires_grad_(False)
         stats = collect_stats(teacher, STATS_DATA, LAYERS)  # each rank: half of the batches
         results["stats"] = _numpy_stats(stats)
         for engine in ENGINES:
@@ -157,8 +152,8 @@ def sharded(tmp_path_factory):
 def _reference(stats):
     """The unsharded student's gradients of the mean of the two halves' losses, as DDP
     averages them."""
-    teacher = _gpt2(0).eval().requires_grad_(False)
-    student = _gpt2(1)
+    teacher = tiny_gpt2(0).eval().requires_grad_(False)
+    student = tiny_gpt2(1)
     cloner = Cloner(teacher, student, LAYERS, stats)
     loss = sum(cloner(_half(_batch(0), r)) for r in range(WORLD)) / WORLD
     names = [n for n, _ in student.named_parameters()]
@@ -187,7 +182,7 @@ def test_sharded_gradients_equal_unsharded(sharded, engine):
 def test_collect_stats_under_process_group(sharded):
     """Each rank reads half of the batches; both end with the statistics of all of them, equal to
     the single-process ones to fp32 rounding (the float64 merge order differs)."""
-    single = collect_stats(_gpt2(0).eval(), STATS_DATA, LAYERS)
+    single = collect_stats(tiny_gpt2(0).eval(), STATS_DATA, LAYERS)
     for r in sharded:
         st = _from_numpy(r["stats"])
         assert st.layers == single.layers and st.count == single.count == 4 * B
@@ -205,17 +200,11 @@ import torch
 import transformers
 from medic_fast.integrations.hf import CloneTrainer
 from medic_fast.stats import collect_stats
+from shared import TINY_VOCAB as V, tiny_gpt2 as gpt2
 
 torch.set_num_threads(1)
-V, T = 50, 8
+T = 8
 LAYERS = ["transformer.h.0", "transformer.h.1"]
-
-
-def gpt2(seed):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                  attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(cfg)
 
 
 class Rows(torch.utils.data.Dataset):
@@ -265,8 +254,8 @@ def test_clone_trainer_two_processes_torchrun(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(TRAINER_SCRIPT))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")]
-                                          if p))
+               PYTHONPATH=os.pathsep.join(p for p in [os.getcwd(), TESTS,
+                                                      os.environ.get("PYTHONPATH")] if p))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            str(script), str(tmp_path)]
