@@ -48,10 +48,13 @@ def _field(output, key: str):
 def default_loss(output, batch) -> Tensor:
     """The CE of a model's output: its own ``.loss`` when it has one (a Hugging Face model given
     ``labels``: shifted for causal LMs, ``-100`` ignored), else ``cross_entropy`` of its
-    ``.logits`` (or the output itself, or a tuple's first element) against the labels
-    (``batch["labels"]`` or ``batch[1]``). Logits ``[..., V]`` with labels of shape ``[...]``
-    (per-token labels) are scored position by position, **unshifted**, ignoring ``-100``: pass
-    labels already shifted, or let the model compute ``.loss``."""
+    ``.logits`` (or the output itself, or a tuple's first element) against the labels.
+
+    ``(inputs, labels)``: ``cross_entropy(logits, labels)``, PyTorch's layout (classes in dim 1).
+    A dict batch: against ``batch["labels"]``, and per-token logits ``[..., V]`` with labels
+    ``[...]`` (Hugging Face's layout, classes last) are scored position by position,
+    **unshifted**, ignoring ``-100``: pass labels already shifted, or let the model compute
+    ``.loss``."""
     loss = _field(output, "loss")
     if isinstance(loss, Tensor):
         return loss
@@ -61,7 +64,9 @@ def default_loss(output, batch) -> Tensor:
     if not isinstance(logits, Tensor):
         raise TypeError(f"the model returned {type(output).__name__} with neither .loss nor "
                         ".logits; pass loss_fn=(output, batch) -> CE")
-    labels = batch.get("labels") if isinstance(batch, Mapping) else batch[1]
+    if not isinstance(batch, Mapping):
+        return F.cross_entropy(logits, batch[1])
+    labels = batch.get("labels")
     if labels is None:
         raise ValueError("the batch has no labels and the model's output no .loss: add "
                          "'labels' to the batch or pass loss_fn=(output, batch) -> CE")
@@ -233,8 +238,6 @@ class Cloner:
         batch = self._batch(batch, labels)
         if mask is None and isinstance(batch, Mapping) and self.mask_key is not None:
             mask = batch.get(self.mask_key)
-        plain = (self.forward is default_forward and self.loss_fn is default_loss
-                 and not isinstance(batch, Mapping))
         if self._tcap is None:
             self.copy = inplace_modified(self.teacher, self.layers, batch, self.select,
                                          forward=self.forward)
@@ -244,14 +247,9 @@ class Cloner:
             return self.loss_fn(self.forward(self.teacher, batch), batch)
 
         with eval_mode(self.teacher), self._tcap as tcap, self._ccap as ccap:
-            if plain:  # (inputs, labels): exactly the CE of before
-                acts_t, grads = teacher_signals(self.teacher, tcap, batch[0], batch[1])
-                out = self.student(batch[0])
-                ce = F.cross_entropy(out, batch[1])
-            else:
-                acts_t, grads = teacher_signals(self.teacher, tcap, None, None, loss=teacher_ce)
-                out = self.forward(self.student, batch)
-                ce = self.loss_fn(out, batch)
+            acts_t, grads = teacher_signals(self.teacher, tcap, None, None, loss=teacher_ce)
+            out = self.forward(self.student, batch)
+            ce = self.loss_fn(out, batch)
             acts_c = ccap.outputs()
         self._output = out
         if torch.is_grad_enabled():
