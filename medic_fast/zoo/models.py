@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["DigitsCNN", "MLP", "ResNet", "resnet18", "WideResNet", "wrn16_1",
+__all__ = ["DigitsCNN", "MLP", "ResNet", "resnet18", "digits_resnet", "WideResNet", "wrn16_1",
            "wrn_released_layers"]
 
 
@@ -79,33 +79,47 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR-style ResNet (3x3 stem, no max-pool) of basic blocks."""
+    """CIFAR-style ResNet (3x3 stem, no max-pool) of basic blocks: one stage per entry of
+    ``blocks``, the first at ``width`` channels, each next one at twice the channels and half
+    the resolution."""
 
     def __init__(self, blocks: Sequence[int] = (2, 2, 2, 2), num_classes: int = 10,
-                 in_channels: int = 3):
+                 in_channels: int = 3, width: int = 64):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        if not blocks or any(int(n) < 1 for n in blocks) or int(width) < 1:
+            raise ValueError(f"blocks must be positive block counts and width positive, got "
+                             f"{tuple(blocks)}, {width}")
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
-        stages, cin = [], 64
+        stages, cin = [], width
         for i, n in enumerate(blocks):
-            cout, stride = 64 * 2 ** i, 1 if i == 0 else 2
+            cout, stride = width * 2 ** i, 1 if i == 0 else 2
             stages.append(nn.Sequential(*(_BasicBlock(cin if j == 0 else cout, cout,
                                                       stride if j == 0 else 1) for j in range(n))))
             cin = cout
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        for i, stage in enumerate(stages):  # layer1, layer2, ... as in torchvision
+            self.add_module(f"layer{i + 1}", stage)
+        self.stages = len(stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        for i in range(self.stages):
+            out = getattr(self, f"layer{i + 1}")(out)
         return self.fc(self.pool(out).flatten(1))
 
 
 def resnet18(num_classes: int = 10, in_channels: int = 3) -> ResNet:
     """CIFAR-style ResNet-18 (11.2M parameters at 10 classes)."""
     return ResNet((2, 2, 2, 2), num_classes, in_channels)
+
+
+def digits_resnet(num_classes: int = 10, in_channels: int = 1) -> ResNet:
+    """A ResNet-8 for 8x8 digits: three stages of one basic block at 16/32/64 channels
+    (8x8, 4x4, 2x2), global average pooling (78k parameters)."""
+    return ResNet((1, 1, 1), num_classes, in_channels, width=16)
 
 
 class _WideBlock(nn.Module):

@@ -138,6 +138,7 @@ def test_bundled_data():
     (lambda: models.MLP(3, 2), torch.rand(2, 3), 0),
     (lambda: models.resnet18(10), torch.rand(2, 3, 32, 32), 40),
     (lambda: models.wrn16_1(10), torch.rand(2, 3, 32, 32), 28),
+    (models.digits_resnet, torch.rand(2, 1, 8, 8), 18),
 ])
 def test_models_forward_and_hookable_layers(make, x, convbn):
     m = make()
@@ -149,6 +150,11 @@ def test_models_forward_and_hookable_layers(make, x, convbn):
 def test_reference_model_sizes():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(models.resnet18()) == 11_173_962  # the standard CIFAR ResNet-18
+    assert count(models.digits_resnet()) == 77_754
+    assert [n for n, _ in models.resnet18().named_children()][3:7] == [
+        "layer1", "layer2", "layer3", "layer4"]  # torchvision's names
+    with pytest.raises(ValueError, match="blocks"):
+        models.ResNet(blocks=(), width=8)
     assert 170_000 < count(models.wrn16_1()) < 180_000
     assert len(models.MLP(widths=(8, 8, 8, 8)).layers) == 9  # 5 Linear + 4 ReLU
     wrn = models.wrn16_1()
