@@ -76,6 +76,28 @@ def default_loss(output, batch) -> Tensor:
     return F.cross_entropy(logits, labels)
 
 
+def _logits(output) -> Tensor:
+    logits = _field(output, "logits")
+    if logits is None:
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"kd needs the models' logits: the model returned "
+                        f"{type(output).__name__} with no .logits")
+    return logits
+
+
+def distill_loss(student_output, teacher_output, temperature: float, class_dim: int = 1
+                 ) -> Tensor:
+    """Knowledge distillation of the logits (Hinton et al. 2015):
+    ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` over ``class_dim``, the mean over
+    every other position (samples, tokens). The teacher's logits carry no gradient."""
+    s, t = _logits(student_output), _logits(teacher_output).detach()
+    log_s = F.log_softmax(s.float() / temperature, class_dim)
+    log_t = F.log_softmax(t.float() / temperature, class_dim)
+    kl = (log_t.exp() * (log_t - log_s)).sum(class_dim)
+    return temperature ** 2 * kl.mean()
+
+
 def masked_clone_loss(acts_t, acts_c, grads, mean, std, mask: Tensor, *, tau: float,
                       criterion: str = "abs", start_dim: int = 2, backend: str = "auto") -> Tensor:
     """:func:`importance_clone_loss` (summed over layers) averaged over the rows ``mask`` keeps.
@@ -104,6 +126,7 @@ class CloneStep:
     ce: Tensor
     clone: Tensor
     student_output: Any = None
+    kd: Optional[Tensor] = None
 
 
 class Cloner:
@@ -167,13 +190,16 @@ class Cloner:
                  backend: str = "auto",
                  forward: Optional[Callable[[nn.Module, Any], Any]] = None,
                  loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
-                 mask_key: Optional[str] = "attention_mask"):
+                 mask_key: Optional[str] = "attention_mask", kd: float = 0.0,
+                 kd_temperature: float = 4.0):
         check_module("teacher", teacher)
         check_module("student", student)
         if not isinstance(stats, LayerStats):
             raise TypeError(f"stats must be a LayerStats (see collect_stats), got "
                             f"{type(stats).__name__}")
         self.tau, self.lam = check_number("tau", tau), check_number("lam", lam)
+        self.kd = check_number("kd", kd)
+        self.kd_temperature = check_number("kd_temperature", kd_temperature, positive=True)
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
         if start_dim is not None:
@@ -195,7 +221,7 @@ class Cloner:
         self.mask_key = mask_key
         self.copy = None if copy is None else list(copy)
         self.last: Optional[CloneStep] = None
-        self._output = None
+        self._output = self._kd = None
         self._tcap = self._ccap = None
         if self.copy is not None:
             self._make_captures()
@@ -209,9 +235,12 @@ class Cloner:
     def __call__(self, batch, labels: Optional[Tensor] = None,
                  mask: Optional[Tensor] = None) -> Tensor:
         ce, clone = self.losses(batch, labels, mask)
-        self.last = CloneStep(ce.detach(), clone.detach(), self._output)
+        kd, self._kd = self._kd, None
+        self.last = CloneStep(ce.detach(), clone.detach(), self._output,
+                              None if kd is None else kd.detach())
         self._output = None
-        return ce + self.lam * clone
+        loss = ce + self.lam * clone
+        return loss if kd is None else loss + self.kd * kd
 
     def _batch(self, batch, labels):
         """The step's batch as the hooks see it: a dict, or ``(inputs, labels)``."""
@@ -243,8 +272,12 @@ class Cloner:
                                          forward=self.forward)
             self._make_captures()
 
+        teacher_out = None
+
         def teacher_ce():
-            return self.loss_fn(self.forward(self.teacher, batch), batch)
+            nonlocal teacher_out
+            teacher_out = self.forward(self.teacher, batch)
+            return self.loss_fn(teacher_out, batch)
 
         with eval_mode(self.teacher), self._tcap as tcap, self._ccap as ccap:
             acts_t, grads = teacher_signals(self.teacher, tcap, None, None, loss=teacher_ce)
@@ -252,6 +285,9 @@ class Cloner:
             ce = self.loss_fn(out, batch)
             acts_c = ccap.outputs()
         self._output = out
+        self._kd = None if not self.kd else distill_loss(
+            out, teacher_out, self.kd_temperature,
+            class_dim=-1 if isinstance(batch, Mapping) else 1)
         if torch.is_grad_enabled():
             frozen = [n for n, c in zip(self.layers, acts_c) if not c.requires_grad]
             if frozen:
