@@ -1,5 +1,6 @@
 """Small helpers shared across the package: devices, training flags, wrappers, distributed
-shards, atomic writes, and argument checks that name the argument and what was expected."""
+shards, atomic writes, torch threads, and argument checks that name the argument and what was
+expected."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["device_of", "eval_mode", "inner_module", "dist_shard", "save_atomic", "check_int",
-           "check_number", "check_module"]
+           "check_number", "check_module", "available_cores", "forward_macs", "auto_threads",
+           "torch_threads"]
 
 
 def device_of(model: nn.Module, device=None) -> torch.device:
@@ -122,3 +124,59 @@ def check_module(name: str, m) -> nn.Module:
     if not isinstance(m, nn.Module):
         raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
     return m
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# Below this many multiply-accumulates per training batch a model runs as fast on one thread as
+# on several, and much faster on a busy machine (measured in benchmarks/RESULTS.md §10).
+SMALL_BATCH_MACS = 2e8
+
+
+@torch.no_grad()
+def forward_macs(model: nn.Module, x) -> int:
+    """Multiply-accumulates of the conv and linear layers in one forward of ``model`` on ``x``
+    (the model runs in eval mode, its flags restored)."""
+    total = 0
+
+    def count(m, _inp, out):
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel() * m.weight[0].numel()
+
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, kinds)]
+    try:
+        with eval_mode(model):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def auto_threads(macs_per_batch: float) -> int:
+    """Torch threads for training a model costing ``macs_per_batch``: one for small models
+    (threads spinning at barriers cost more than they share), else every available core."""
+    return 1 if macs_per_batch < SMALL_BATCH_MACS else available_cores()
+
+
+@contextmanager
+def torch_threads(n: Optional[int]):
+    """Run the block with ``n`` torch intra-op threads (None: as they are); restored after."""
+    if n is None:
+        yield
+        return
+    check_int("threads", n)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

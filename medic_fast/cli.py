@@ -24,12 +24,18 @@ __all__ = ["main"]
 # --------------------------------------------------------------------------------------------
 
 def _table(result: dict) -> str:
-    lines = [f"{'method':<10} {'ACC':>7} {'ASR':>7} {'seconds':>8}"]
+    from medic_fast.zoo.demo import DEFINITIONS
+
+    s = result["settings"]
+    lines = [f"{s['attack']} trojan (target class {s['target']}), defended with "
+             f"{result['samples']['clean']} clean samples:",
+             f"{'method':<14} {'ACC':>7} {'ASR':>7} {'seconds':>8}"]
     for r in result["results"]:
-        lines.append(f"{r['method']:<10} {100 * r['acc']:6.1f}% {100 * r['asr']:6.1f}% "
+        lines.append(f"{r['method']:<14} {100 * r['acc']:6.1f}% {100 * r['asr']:6.1f}% "
                      f"{r['seconds']:8.1f}")
+    lines += [f"{k}: {v}" for k, v in DEFINITIONS.items()]
     lines.append(f"total {result['phases']['total']:.1f} s (seed {result['seed']}, "
-                 f"{result['samples']['clean']} clean samples, {result['threads']} threads)")
+                 f"{result['threads']} threads)")
     return "\n".join(lines)
 
 
@@ -221,8 +227,9 @@ def _check_resume(args) -> Optional[str]:
     except ValueError as e:
         return (f"{what}: is not a readable medic_fast training state ({e}); give the --state "
                 f"file of the run to continue, {afresh}")
-    options = {k: v for k, v in vars(args).items() if k in saved and v is not None}
-    now = {"method": "medic", "augment": repr(None), **options}
+    options = {k: v for k, v in vars(args).items()
+               if k in saved and k != "augment" and v is not None}
+    now = {"method": "medic", **options}
 
     def shown(v):
         return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
@@ -261,10 +268,12 @@ def _cmd_sanitize(args) -> int:
     eval_data = _call(args.eval_data, "--eval-data") if args.eval_data else None
     trigger = _resolve(args.trigger, "--trigger") if args.trigger else None
     result = mf.sanitize(
-        model, data, layers=args.layers, tau=args.tau,
-        lam=args.lam, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        model, data, recipe=args.recipe, layers=args.layers, tau=args.tau, lam=args.lam,
+        epochs=args.epochs, min_steps=args.min_steps, lr=args.lr, batch_size=args.batch_size,
         weight_decay=args.weight_decay, criterion=args.criterion, stats=args.stats,
-        seed=args.seed, device=args.device, progress=not args.no_progress,
+        augment=None if args.augment == "none" else args.augment, kd=args.kd,
+        threads=args.threads, seed=args.seed, device=args.device,
+        progress=not args.no_progress,
         checkpoint=args.state, resume=args.resume, eval_data=eval_data, trigger=trigger,
         target=args.target, backend=args.backend)
     kept = (f"the trained state is in --state {args.state!r}: run again with --resume and a "
@@ -300,7 +309,8 @@ def _cmd_scan(args) -> int:
     if why:
         return _fail(why)
     report = scan(_load_model(args), _call(args.data, "--data"), threshold=args.threshold,
-                  seed=args.seed, backend=args.backend, progress=not args.no_progress)
+                  seed=args.seed, backend=args.backend, progress=not args.no_progress,
+                  threads=args.threads)
     print(report.to_json() if hasattr(report, "to_json") else report)
     return 0
 
@@ -310,10 +320,16 @@ def _cmd_scan(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 def _cmd_bench(args) -> int:
-    from medic_fast.zoo.bench import bench_steps
+    from medic_fast._utils import available_cores, torch_threads
+    from medic_fast.zoo.bench import bench_steps, paper_scale
 
-    r = bench_steps(args.batch, args.size, args.repeats, args.warmup, args.backend,
-                    progress=not args.no_progress)
+    with torch_threads(args.threads or available_cores()):
+        if args.paper_scale:
+            r = paper_scale(args.repeats, args.warmup, args.backend,
+                            progress=not args.no_progress)
+        else:
+            r = bench_steps(args.batch, args.size, args.repeats, args.warmup, args.backend,
+                            progress=not args.no_progress)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -321,6 +337,14 @@ def _cmd_bench(args) -> int:
           f"{r['threads']} threads, median of {r['repeats']}")
     for k, v in r["seconds"].items():
         print(f"  {k:<9} {1e3 * v:8.1f} ms  ({v / r['seconds']['plain']:.2f}x plain)")
+    if args.paper_scale:
+        p = r["paper_scale"]
+        print(f"the paper's run: {p['inputs']} inputs, batch {p['batch']}, {p['epochs']} epochs "
+              f"= {p['steps']} steps; ours adds a statistics pass of {p['stats_seconds']:.1f} s")
+        for k, v in p["projected_seconds"].items():
+            print(f"  {k:<9} {v / 60:8.1f} min  ({v / p['projected_seconds']['plain']:.2f}x "
+                  "plain)")
+        print(f"  released / ours: {p['released_vs_ours']:.2f}x")
     return 0
 
 
@@ -386,6 +410,8 @@ def _names(text: str) -> List[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from medic_fast.medic.recipes import RECIPES
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(
         prog="medic-fast", formatter_class=fmt,
@@ -430,19 +456,38 @@ def _parser() -> argparse.ArgumentParser:
     model_args(s)
     s.add_argument("--out", required=True, metavar="CLONE.pt",
                    help="where to save the clone's state_dict (must not exist)")
+    d = RECIPES["default"]
+    s.add_argument("--recipe", choices=tuple(RECIPES), default="default",
+                   help="the settings table the options below default to (medic_fast.medic."
+                   "recipes): the library's defaults, or the released code's recipe")
     s.add_argument("--layers", type=_names, default=None, help="comma-separated module names to "
                    "clone; default every conv and BatchNorm output")
-    s.add_argument("--tau", type=float, default=5.0, help="importance temperature (0: every "
-                   "neuron weighs the same)")
-    s.add_argument("--lam", type=float, default=10.0, help="weight of the clone loss next to CE")
-    s.add_argument("--epochs", type=_at_least(1), default=60, help="training epochs")
-    s.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (cosine schedule)")
-    s.add_argument("--batch-size", type=_at_least(1), default=64, help="batch size")
-    s.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay")
-    s.add_argument("--criterion", choices=("abs", "signed"), default="abs",
-                   help="activation criterion: |z| (paper eq. 2) or z (released code)")
-    s.add_argument("--stats", choices=("channel", "neuron"), default="channel",
-                   help="teacher statistics per channel or per neuron")
+    s.add_argument("--tau", type=float, default=None, help=f"importance temperature (0: every "
+                   f"neuron weighs the same; default {d['tau']})")
+    s.add_argument("--lam", type=float, default=None,
+                   help=f"weight of the clone loss next to CE (default {d['lam']})")
+    s.add_argument("--epochs", type=_at_least(1), default=None,
+                   help=f"training epochs (default {d['epochs']}, more if needed to reach "
+                   "--min-steps; given alone: exactly this many)")
+    s.add_argument("--min-steps", type=_at_least(0), default=None, help="at least this many "
+                   f"optimizer steps, for small clean sets (default {d['min_steps']})")
+    s.add_argument("--lr", type=float, default=None,
+                   help=f"Adam learning rate, cosine schedule (default {d['lr']})")
+    s.add_argument("--batch-size", type=_at_least(1), default=None,
+                   help=f"batch size (default {d['batch_size']})")
+    s.add_argument("--weight-decay", type=float, default=None,
+                   help=f"Adam weight decay (default {d['weight_decay']})")
+    s.add_argument("--augment", choices=("recipe", "none", "crop", "crop+flip"),
+                   default="recipe", help="batch augmentation of images: random crop (and "
+                   f"horizontal flip); default the recipe's ({d['augment']})")
+    s.add_argument("--kd", type=float, default=None, help="weight of a logit-distillation term "
+                   f"(default {d['kd']}: it carried backdoors into the clone)")
+    s.add_argument("--criterion", choices=("abs", "signed"), default=None,
+                   help="activation criterion: |z| (paper eq. 2, default) or z (released code)")
+    s.add_argument("--stats", choices=("channel", "neuron"), default=None,
+                   help="teacher statistics per channel (default) or per neuron")
+    s.add_argument("--threads", type=_at_least(1), default=None, help="torch threads; default "
+                   "one for small models, else every core this process may use")
     s.add_argument("--device", default=None, help="torch device; default the model's (CPU)")
     s.add_argument("--state", default=None, metavar="PATH", help="training state written "
                    "atomically after every epoch, to resume an interrupted run")
@@ -466,6 +511,8 @@ def _parser() -> argparse.ArgumentParser:
     model_args(c)
     c.add_argument("--threshold", type=float, default=0.5, help="flag a class pair whose "
                    "pocket-finding rate exceeds this")
+    c.add_argument("--threads", type=_at_least(1), default=None, help="torch threads; default "
+                   "every core this process may use")
     _backend_arg(c, "pocket_search", "the pocket search")
     c.set_defaults(func=_cmd_scan)
 
@@ -480,6 +527,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=_at_least(0), default=3, help="untimed steps per variant first")
     b.add_argument("--backend", default="auto", choices=("auto", "cpp", "reference"),
                    help="backend of the importance clone loss")
+    b.add_argument("--paper-scale", action="store_true", help="also project the wall-clock "
+                   "of the paper's whole run (2,500 inputs of 32x32x3, batch 64, 60 epochs) from "
+                   "the step times and a timed statistics pass (--batch and --size are then "
+                   "the paper's)")
+    b.add_argument("--threads", type=_at_least(1), default=None, help="torch threads; default "
+                   "every core this process may use")
     b.add_argument("--json", action="store_true", help="print the figures as JSON")
     b.add_argument("--no-progress", action="store_true", help="hide the progress lines (a line "
                    "per round of steps, on stderr)")

@@ -65,7 +65,8 @@ def test_demo_meets_its_targets(tmp_path, monkeypatch, capsys):
     threads = torch.get_num_threads()
     assert cli.main(["demo", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "medic" in out and "wrote medic-fast-demo.json" in out
+    assert "medic" in out and "plain cloning" in out and "wrote medic-fast-demo.json" in out
+    assert "ACC: accuracy" in out and "ASR: attack success rate" in out
     result = json.loads((tmp_path / "medic-fast-demo.json").read_text())
     rows = {r["method"]: r for r in result["results"]}
     assert rows["trojaned"]["asr"] > 0.9

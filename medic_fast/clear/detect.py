@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from medic_fast.clear import graph
-from medic_fast._utils import check_int, device_of
+from medic_fast._utils import available_cores, check_int, device_of, torch_threads
 from medic_fast.capture import ActivationCapture
 from medic_fast.data import labelled_batches, make_loader
 from medic_fast.ops.pocket_search import pocket_search
@@ -125,7 +125,8 @@ def _features(model: nn.Module, cut: str, data,
 def scan(model: nn.Module, data, *, cut: Optional[str] = None, n: int = 50, k: int = 5,
          restarts: int = 10, alpha: float = DEFAULTS["alpha"], steps: int = DEFAULTS["steps"],
          lr_scale: float = 1e-3, margin: float = DEFAULTS["margin"], threshold: float = 0.5,
-         seed: int = 0, backend: str = "auto", progress: bool = False) -> ScanReport:
+         seed: int = 0, backend: str = "auto", progress: bool = False,
+         threads: Optional[int] = None) -> ScanReport:
     """Scan ``model`` for a sample-targeted backdoor with CLEAR, using clean ``data`` (a
     ``Dataset``, a ``DataLoader`` or an ``(X, y)`` pair). The model is not modified.
 
@@ -133,7 +134,17 @@ def scan(model: nn.Module, data, *, cut: Optional[str] = None, n: int = 50, k: i
     samples per class to start from; k: anchors per search; restarts: searches per class pair.
     lr = lr_scale * (max - min of the clean features). A pair with P > threshold flags the model.
     progress: show on stderr the feature pass (a bar over batches), then the search.
+    threads: torch threads while it runs (restored after); default every core this process may
+    use (the batched search splits its problems across them).
     """
+    with torch_threads(threads or available_cores()):
+        return _scan(model, data, cut=cut, n=n, k=k, restarts=restarts, alpha=alpha,
+                     steps=steps, lr_scale=lr_scale, margin=margin, threshold=threshold,
+                     seed=seed, backend=backend, progress=progress)
+
+
+def _scan(model, data, *, cut, n, k, restarts, alpha, steps, lr_scale, margin, threshold, seed,
+          backend, progress) -> ScanReport:
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medic_fast._utils import check_int, check_module, check_number, device_of, dist_shard, \
-    eval_mode
+from medic_fast._utils import auto_threads, check_int, check_module, check_number, device_of, \
+    dist_shard, eval_mode, forward_macs, torch_threads
 from medic_fast.capture import inplace_modified, resolve_layers
 from medic_fast.data import check_labels, first_batch, make_loader
+from medic_fast.medic import recipes
 from medic_fast.medic.cloner import Cloner
 from medic_fast.ops.importance_clone import CRITERIA
 from medic_fast.stats import PER, LayerStats, collect_stats
@@ -172,11 +173,12 @@ def train_from_scratch(model: nn.Module, data, *, epochs: int = 60, lr: float = 
                      target=target)
 
 
-def sanitize(model: nn.Module, data, *, layers: Optional[Sequence[str]] = None, tau: float = 5.0,
-             lam: float = 10.0, epochs: int = 60, lr: float = 0.01, batch_size: int = 64,
-             weight_decay: float = 1e-4, criterion: str = "abs", augment=None, stats="channel",
-             seed: int = 0, device=None, progress: bool = True, checkpoint=None,
-             resume: bool = False, eval_data=None, trigger=None, target=None,
+def sanitize(model: nn.Module, data, *, recipe: str = "default", layers=None, tau=None,
+             lam=None, epochs: Optional[int] = None, min_steps: Optional[int] = None, lr=None,
+             batch_size: Optional[int] = None, weight_decay=None, criterion=None,
+             augment="recipe", stats=None, kd=None, kd_temperature=None, seed: int = 0,
+             device=None, threads: Optional[int] = None, progress: bool = True,
+             checkpoint=None, resume: bool = False, eval_data=None, trigger=None, target=None,
              factory: Optional[Callable[[], nn.Module]] = None, backend: str = "auto") -> Result:
     """Remove a backdoor by importance-driven cloning (MEDIC).
 
@@ -185,19 +187,46 @@ def sanitize(model: nn.Module, data, *, layers: Optional[Sequence[str]] = None, 
     layers at once, the teacher (a frozen copy of ``model`` in eval mode) giving activations and
     loss gradients each step. ``model`` is not modified.
 
+    Every option left as None comes from ``recipe`` (:data:`medic_fast.medic.recipes.RECIPES`,
+    the one table the CLI, the demo and the benchmarks read too). The defaults, and why:
+
+    * layers: every conv and BatchNorm output, as the paper clones them;
+    * tau 5, lam 10, criterion ``"abs"``, stats ``"channel"``: the paper's; tau=0 (plain
+      cloning) leaves more of the backdoor, and lam 3 or 30 changed less than the seeds do;
+    * epochs 60, extended to at least ``min_steps`` = 250 optimizer steps: 60 epochs of a small
+      clean set are too few steps (60 on 5% of digits); 250 closed most of the gap to the
+      teacher, while 500-1000 steps let the backdoor back into a ResNet clone;
+    * Adam lr 0.01, weight decay 1e-4, cosine schedule, batch 64: the paper's;
+    * augment None: random crops let the teacher's backdoor into the clone on 8x8 digits;
+      ``"crop+flip"`` suits natural images;
+    * kd 0 (no logit matching): matching the teacher's logits transferred the backdoor.
+
+    The measurements are in ``benchmarks/RESULTS.md`` §10. ``recipe="paper"`` is the released
+    code's recipe: 60 epochs whatever the data size, random crop and flip.
+
     Args:
         model: the trojaned model.
         data: clean training data: ``Dataset``, ``DataLoader`` or ``(X, y)`` tensors; batches
             are ``(inputs, labels, ...)``, labels in ``[0, classes)`` (the width of the model's
             logits; checked batch by batch in the first epoch).
+        recipe: ``"default"`` or ``"paper"``.
         layers: module names to clone; default the output of every conv and BatchNorm layer.
         tau, lam, criterion: importance temperature, clone-loss weight, ``"abs"`` | ``"signed"``.
-        epochs, lr, batch_size, weight_decay: Adam with weight decay and a cosine schedule.
-        augment: optional callable ``x -> x`` on each batch (e.g. ``data.RandomCropFlip``).
+        epochs, min_steps: train ``epochs`` epochs, more if needed to take ``min_steps``
+            optimizer steps (``epochs`` given alone means exactly that many).
+        lr, batch_size, weight_decay: Adam with weight decay and a cosine schedule.
+        augment: ``"recipe"`` (the recipe's), None, ``"crop"``, ``"crop+flip"`` (see
+            :func:`~medic_fast.medic.recipes.make_augment`) or a callable ``x -> x`` on each
+            batch (e.g. ``data.RandomCropFlip``).
         stats: ``"channel"`` | ``"neuron"`` (collected from the teacher over ``data``), or a
             precomputed :class:`~medic_fast.stats.LayerStats` for ``layers``.
+        kd, kd_temperature: weight and temperature of an added logit-distillation term
+            (:func:`~medic_fast.medic.cloner.distill_loss`).
         seed: fixes the clone's initialisation, data order and augmentation.
         device: default the model's device.
+        threads: torch intra-op threads while it runs (restored after); default one for small
+            models, whose threads only wait on each other, else every core this process may use
+            (:func:`medic_fast._utils.auto_threads`).
         progress: show a tqdm progress bar (rank 0 only).
         checkpoint, resume: save the training state atomically after every epoch to this path;
             ``resume=True`` continues from it (an existing file is never overwritten otherwise).
@@ -211,25 +240,51 @@ def sanitize(model: nn.Module, data, *, layers: Optional[Sequence[str]] = None, 
     Raises:
         FloatingPointError: on a non-finite loss, naming the step.
     """
-    _check_common(epochs, lr, batch_size, weight_decay, seed, trigger, target, eval_data)
-    check_number("tau", tau)
-    check_number("lam", lam)
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if epochs is not None and min_steps is None:
+        min_steps = 0
+    r = recipes.recipe(recipe, layers=layers, tau=tau, lam=lam, epochs=epochs,
+                       min_steps=min_steps, lr=lr, batch_size=batch_size,
+                       weight_decay=weight_decay, criterion=criterion, stats=stats, kd=kd,
+                       kd_temperature=kd_temperature)
+    check_int("min_steps", r["min_steps"], 0)
+    _check_common(r["epochs"], r["lr"], r["batch_size"], r["weight_decay"], seed, trigger,
+                  target, eval_data)
+    check_number("tau", r["tau"])
+    check_number("lam", r["lam"])
+    if r["criterion"] not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {r['criterion']!r}")
+    stats = r["stats"]
     if not (isinstance(stats, LayerStats) or stats in PER):
         raise ValueError(f"stats must be one of {PER} or a LayerStats, got {stats!r}")
+    if threads is not None:
+        check_int("threads", threads)
     check_module("model", model)
     device = device_of(model, device)
+    first = first_batch(data, r["batch_size"])[0].to(device)
+    augment = recipes.make_augment(r["augment"] if augment == "recipe" else augment, first)
     teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    if threads is None:
+        threads = auto_threads(forward_macs(teacher, first)) if device.type == "cpu" else None
+    with torch_threads(threads):
+        return _sanitize(teacher, model, data, r, first, augment, seed=seed, device=device,
+                         progress=progress, checkpoint=checkpoint, resume=resume,
+                         eval_data=eval_data, trigger=trigger, target=target, factory=factory,
+                         backend=backend)
+
+
+def _sanitize(teacher, model, data, r, first, augment, *, seed, device, progress, checkpoint,
+              resume, eval_data, trigger, target, factory, backend) -> Result:
     clone = _reinitialised(model, factory, seed).to(device)
-    names = resolve_layers(teacher, layers)
+    names = resolve_layers(teacher, r["layers"])
+    stats = r["stats"]
     per = stats.per if isinstance(stats, LayerStats) else stats
-    settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                    seed=seed, augment=augment)
-    config = _config("medic", **settings, tau=tau, lam=lam, criterion=criterion, layers=names,
-                     stats=per)
+    batches = len(make_loader(data, batch_size=r["batch_size"], shard=dist_shard()))
+    epochs = recipes.training_epochs(r["epochs"], r["min_steps"], batches)
+    settings = dict(epochs=epochs, lr=r["lr"], batch_size=r["batch_size"],
+                    weight_decay=r["weight_decay"], seed=seed, augment=augment)
+    config = _config("medic", **settings, tau=r["tau"], lam=r["lam"], criterion=r["criterion"],
+                     layers=names, stats=per, kd=r["kd"], kd_temperature=r["kd_temperature"])
     state = load_checkpoint(checkpoint, resume, config)
-    first = first_batch(data, batch_size)[0].to(device)
     copies = inplace_modified(teacher, names, first)
     classes = _classes(teacher, first)
     check_trigger(trigger, target, classes)
@@ -242,14 +297,16 @@ def sanitize(model: nn.Module, data, *, layers: Optional[Sequence[str]] = None, 
                              f"{names}")
     else:
         stats = collect_stats(teacher, data, names, per, copy=copies,
-                              batch_size=max(256, batch_size), device=device)
+                              batch_size=max(256, r["batch_size"]), device=device)
     net = distributed(clone, device)
-    cloner = Cloner(teacher, net, names, stats, tau=tau, lam=lam, criterion=criterion,
-                    copy=copies, backend=backend)
+    cloner = Cloner(teacher, net, names, stats, tau=r["tau"], lam=r["lam"],
+                    criterion=r["criterion"], copy=copies, backend=backend, kd=r["kd"],
+                    kd_temperature=r["kd_temperature"])
 
     def objective(x, y):
         loss = cloner(x, y)
-        return loss, {"ce": cloner.last.ce, "clone": cloner.last.clone}
+        last = cloner.last
+        return loss, {"ce": last.ce, "clone": last.clone, **({"kd": last.kd} if r["kd"] else {})}
 
     extra = {"stats_mean": cloner.stats.mean, "stats_std": cloner.stats.std,
              "stats_count": stats.count}
