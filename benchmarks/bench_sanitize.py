@@ -7,9 +7,12 @@
    random inputs; the ratios are per round, so a busy machine slows all variants alike.
    Target: ours <= 1.9x plain, clearly faster than released.
 2. The demo's wall-clock per phase (``medic-fast demo``).
+3. ``paper``: the paper's whole sanitization run (WRN-16-1, 2,500 inputs of 32x32x3, batch 64,
+   60 epochs = 2,400 steps) projected from the median steps and a timed statistics pass
+   (``medic-fast bench --paper-scale``). Targets: ours <= 1.6x plain, released >= 1.8x ours.
 
     python benchmarks/bench_sanitize.py [--rounds 5] [--repeats 20] [--threads 2]
-                                        [--device cpu|cuda] [--parts steps,demo]
+                                        [--device cpu|cuda] [--parts steps,demo,paper]
                                         [--json PATH] [--csv PATH]
 
 On a GPU (``--device cuda``) the step part runs there (each step timed to its end); the demo
@@ -25,7 +28,7 @@ import statistics
 
 import torch
 
-from medic_fast.zoo.bench import bench_steps
+from medic_fast.zoo.bench import bench_steps, paper_scale
 from medic_fast.zoo.demo import run_demo
 
 from _harness import add_output_options, write_rows
@@ -39,7 +42,8 @@ def main(argv=None) -> None:
     p.add_argument("--backends", default="auto,reference",
                    help="comma-separated loss backends for our step")
     p.add_argument("--device", default="cpu", help="where the step part runs (cpu or cuda)")
-    p.add_argument("--parts", default="steps,demo", help="steps, demo or both")
+    p.add_argument("--parts", default="steps,demo,paper", help="comma-separated: steps, demo, "
+                   "paper")
     add_output_options(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -71,7 +75,8 @@ def main(argv=None) -> None:
                   "ours_vs_plain": r["ours_vs_plain"], "released_vs_ours": r["released_vs_ours"],
                   "load": load}
                  for backend, rounds in runs.items() for i, r in enumerate(rounds)]
-    write_rows(step_rows + (demo() if "demo" in parts else []), "bench_sanitize",
+    paper_rows = paper(args.repeats, args.device) if "paper" in parts else []
+    write_rows(step_rows + (demo() if "demo" in parts else []) + paper_rows, "bench_sanitize",
                json_path=args.json, csv_path=args.csv)
 
 
@@ -90,6 +95,24 @@ def demo() -> list:
     return [{"part": "demo", "phase": phase, "seconds": sec, "threads": result["threads"],
              **{k: by_method[phase][k] for k in ("acc", "asr") if phase in by_method}}
             for phase, sec in result["phases"].items()]
+
+
+def paper(repeats: int, device: str) -> list:
+    """The paper-scale projection (one round of ``repeats`` steps), printed; its rows."""
+    r = paper_scale(repeats=repeats, device=device)
+    p = r["paper_scale"]
+    print(f"\n## The paper's run projected: {p['inputs']} inputs, batch {p['batch']}, "
+          f"{p['epochs']} epochs = {p['steps']} steps, {r['threads']} threads\n")
+    print("| variant | step (ms) | whole run (min) | / plain |")
+    print("|---|---|---|---|")
+    for k, v in p["projected_seconds"].items():
+        print(f"| {k} | {1e3 * r['seconds'][k]:.1f} | {v / 60:.1f} | "
+              f"{v / p['projected_seconds']['plain']:.2f}x |")
+    print(f"\nours includes a statistics pass of {p['stats_seconds']:.1f} s; released / ours "
+          f"{p['released_vs_ours']:.2f}x")
+    return [{"part": "paper", "variant": k, "step_ms": 1e3 * r["seconds"][k], "run_s": v,
+             "stats_s": p["stats_seconds"] if k == "ours" else 0.0, "threads": r["threads"]}
+            for k, v in p["projected_seconds"].items()]
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import medic_fast
 from medic_fast.zoo.bench import bench_steps
@@ -77,3 +78,30 @@ def test_scripts_share_only_the_harness(script):
     names |= {n.module.split(".")[0] for n in ast.walk(tree)
               if isinstance(n, ast.ImportFrom) and n.module}
     assert names & local == {"_harness"}
+
+
+def test_paper_scale_projects_the_whole_run(monkeypatch, capsys):
+    """The projection is the median step times the run's steps (ceil(inputs / batch) x
+    epochs), plus the timed statistics pass for ours; the CLI prints it and restores threads."""
+    from medic_fast import cli
+    from medic_fast.zoo import bench
+
+    monkeypatch.setitem(bench.PAPER_SCALE, "inputs", 5)
+    monkeypatch.setitem(bench.PAPER_SCALE, "batch", 2)
+    monkeypatch.setitem(bench.PAPER_SCALE, "size", 8)
+    monkeypatch.setitem(bench.PAPER_SCALE, "epochs", 4)
+    r = bench.paper_scale(repeats=1, warmup=0, backend="reference")
+    p = r["paper_scale"]
+    assert p["steps"] == 12 and p["stats_seconds"] > 0
+    assert p["projected_seconds"]["plain"] == pytest.approx(12 * r["seconds"]["plain"])
+    assert p["projected_seconds"]["ours"] == pytest.approx(12 * r["seconds"]["ours"]
+                                                          + p["stats_seconds"])
+    assert p["ours_vs_plain"] == pytest.approx(p["projected_seconds"]["ours"]
+                                               / p["projected_seconds"]["plain"])
+    threads = torch.get_num_threads()
+    assert cli.main(["bench", "--paper-scale", "--repeats", "1", "--warmup", "0",
+                     "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "the paper's run: 5 inputs, batch 2, 4 epochs = 12 steps" in out
+    assert "released / ours" in out and "statistics pass" in err
+    assert torch.get_num_threads() == threads
