@@ -213,7 +213,7 @@ def fit(net: nn.Module, loader, loss_fn: LossFn, *, epochs: int, lr: float,
         progress: bool = False, desc: str = "train", checkpoint=None,
         config: Optional[dict] = None, state: Optional[dict] = None,
         extra: Optional[dict] = None, eval_loader=None, trigger=None,
-        target=None) -> List[dict]:
+        target=None, extras: bool = False) -> List[dict]:
     """Train ``net`` on ``loader`` and return the per-epoch history.
 
     Args:
@@ -233,6 +233,8 @@ def fit(net: nn.Module, loader, loss_fn: LossFn, *, epochs: int, lr: float,
             scheduler, history, **extra}`` atomically to ``checkpoint`` after every epoch;
             ``state`` (from :func:`load_checkpoint`) resumes from one.
         eval_loader, trigger, target: ACC (and ASR) after every epoch, in the history.
+        extras: also pass the batch's elements after the labels to ``loss_fn``
+            (``loss_fn(x, y, *rest)``; :func:`~medic_fast.sanitize` passes sample indices).
 
     The module is left in eval mode. A non-finite loss on any process stops training before the
     update with a ``FloatingPointError`` naming the step.
@@ -278,7 +280,7 @@ def fit(net: nn.Module, loader, loss_fn: LossFn, *, epochs: int, lr: float,
                     y = batch[1].to(device, non_blocking=non_blocking)
                     if augment is not None:
                         x = augment(x)
-                    loss, parts = loss_fn(x, y)
+                    loss, parts = loss_fn(x, y, *batch[2:]) if extras else loss_fn(x, y)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     # The one host sync of a step, after the backward is queued (a GPU runs it

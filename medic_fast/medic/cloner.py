@@ -25,6 +25,7 @@ from medic_fast._utils import check_int, check_module, check_number, device_of, 
     inner_module
 from medic_fast.capture import (ActivationCapture, call_model, check_mask, inplace_modified,
                                 mask_applies, resolve_layers, rows_start_dim, teacher_signals)
+from medic_fast.medic.cache import TeacherCache
 from medic_fast.ops.importance_clone import CRITERIA, importance_clone_loss
 from medic_fast.stats import LayerStats
 
@@ -176,6 +177,11 @@ class Cloner:
         backend: of the loss (``"auto"``: the fused kernel for the device).
         forward, loss_fn: the hooks above.
         mask_key: the key of a dict batch that holds the padding mask (``None``: none).
+        kd, kd_temperature: weight and temperature of an added logit-distillation term
+            (:func:`distill_loss`; 0: none), logged in ``last.kd``.
+        cache: a :class:`~medic_fast.medic.cache.TeacherCache`: with ``index=`` (the batch's
+            sample indices) the teacher's signals of samples seen before are reused instead of
+            recomputed, for inputs that are the same every epoch.
 
     ``mask`` (``[B, T]``, True or 1 at real tokens; by default ``batch["attention_mask"]`` of a
     dict batch) applies to the layers whose rows are ``[B, T]``: their loss is the mean over
@@ -191,7 +197,7 @@ class Cloner:
                  forward: Optional[Callable[[nn.Module, Any], Any]] = None,
                  loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
                  mask_key: Optional[str] = "attention_mask", kd: float = 0.0,
-                 kd_temperature: float = 4.0):
+                 kd_temperature: float = 4.0, cache: Optional[TeacherCache] = None):
         check_module("teacher", teacher)
         check_module("student", student)
         if not isinstance(stats, LayerStats):
@@ -199,6 +205,12 @@ class Cloner:
                             f"{type(stats).__name__}")
         self.tau, self.lam = check_number("tau", tau), check_number("lam", lam)
         self.kd = check_number("kd", kd)
+        if cache is not None and (not isinstance(cache, TeacherCache) or forward is not None
+                                  or loss_fn is not None):
+            raise ValueError("cache must be a TeacherCache, and works with (inputs, labels) "
+                             "batches and the default forward and loss only (a sample's CE "
+                             "gradient is then the batch mean's times the batch size)")
+        self.cache = cache
         self.kd_temperature = check_number("kd_temperature", kd_temperature, positive=True)
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
@@ -233,8 +245,8 @@ class Cloner:
                                        select=self.select, copy=self.copy)
 
     def __call__(self, batch, labels: Optional[Tensor] = None,
-                 mask: Optional[Tensor] = None) -> Tensor:
-        ce, clone = self.losses(batch, labels, mask)
+                 mask: Optional[Tensor] = None, *, index: Optional[Tensor] = None) -> Tensor:
+        ce, clone = self.losses(batch, labels, mask, index=index)
         kd, self._kd = self._kd, None
         self.last = CloneStep(ce.detach(), clone.detach(), self._output,
                               None if kd is None else kd.detach())
@@ -256,9 +268,13 @@ class Cloner:
                         f"cloner(inputs, labels); got {type(batch).__name__} without labels")
 
     @torch.compiler.disable
-    def losses(self, batch, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None
-               ) -> Tuple[Tensor, Tensor]:
+    def losses(self, batch, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+               *, index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``(CE, clone loss)`` of the step, before weighting.
+
+        ``index``: the batch's sample indices, with a ``cache``: the teacher's signals come from
+        the cache when it holds every sample (the teacher does not run), else they are computed
+        and kept. Only for (inputs, labels) batches whose inputs are the same every epoch.
 
         Not traced by ``torch.compile`` (Dynamo mis-handles hooks added and removed inside a
         compiled frame): in a compiled step it runs eagerly, while a ``torch.compile``-d
@@ -279,8 +295,22 @@ class Cloner:
             teacher_out = self.forward(self.teacher, batch)
             return self.loss_fn(teacher_out, batch)
 
+        cached = None
+        if index is not None:
+            if self.cache is None or isinstance(batch, Mapping):
+                raise ValueError("index= needs a Cloner built with cache=TeacherCache(...) and "
+                                 "(inputs, labels) batches")
+            cached = self.cache.get(index)
+            if cached is not None and self.kd:  # the logits are not cached
+                with torch.no_grad(), eval_mode(self.teacher):
+                    teacher_out = self.forward(self.teacher, batch)
         with eval_mode(self.teacher), self._tcap as tcap, self._ccap as ccap:
-            acts_t, grads = teacher_signals(self.teacher, tcap, None, None, loss=teacher_ce)
+            if cached is None:
+                acts_t, grads = teacher_signals(self.teacher, tcap, None, None, loss=teacher_ce)
+                if index is not None:
+                    self.cache.put(index, acts_t, grads)
+            else:
+                acts_t, grads = cached
             out = self.forward(self.student, batch)
             ce = self.loss_fn(out, batch)
             acts_c = ccap.outputs()
