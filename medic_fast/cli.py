@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -298,6 +299,32 @@ def _cmd_sanitize(args) -> int:
     return 0
 
 
+def _check_plot(flag: str, path: Optional[str]) -> Optional[str]:
+    """Why ``path`` cannot be written as a figure (matplotlib missing, an unknown file type), or
+    None; checked before any work."""
+    if path is None:
+        return None
+    from medic_fast.clear import plots
+
+    try:
+        plots._matplotlib()
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return f"{flag} {path!r}: {plots.MISSING}"
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    ext = os.path.splitext(path)[1][1:].lower()
+    if ext not in kinds:
+        return (f"{flag} {path!r}: " + (f"unknown image type {ext!r}" if ext else "no file type")
+                + f"; end the name with one of {', '.join('.' + k for k in sorted(kinds))}")
+    return None
+
+
+def _scan_options(args) -> dict:
+    """The scan settings given on the command line (the others keep scan()'s defaults)."""
+    given = {"k": args.k, "restarts": args.restarts, "cut": args.cut}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _cmd_scan(args) -> int:
     import medic_fast as mf
 
@@ -305,13 +332,40 @@ def _cmd_scan(args) -> int:
     if scan is None:
         return _fail("the CLEAR scanner (medic_fast.scan, in medic_fast/clear/) is not part of "
                      "this installation")
-    why = _check_backend(args.backend, "pocket_search", "cpu")
+    why = _check_outputs([("--json", args.json, _NEVER_OVERWRITTEN),
+                          ("--plot", args.plot, _NEVER_OVERWRITTEN)])
+    why = why or _check_plot("--plot", args.plot)
+    why = why or _check_backend(args.backend, "pocket_search", "cpu")
     if why:
         return _fail(why)
     report = scan(_load_model(args), _call(args.data, "--data"), threshold=args.threshold,
                   seed=args.seed, backend=args.backend, progress=not args.no_progress,
-                  threads=args.threads)
-    print(report.to_json() if hasattr(report, "to_json") else report)
+                  threads=args.threads, **_scan_options(args))
+    if args.json is None:
+        print(report.to_json() if hasattr(report, "to_json") else report)
+    notes = sys.stderr if args.json is None else sys.stdout  # stdout: the JSON alone, if there
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None and os.path.lexists(path):
+            return _fail(f"{flag} {path!r}: appeared during the scan and is never overwritten; "
+                         "run again with another path")
+    if args.json is not None:
+        try:
+            _write_new(args.json, report.to_json(indent=2) + "\n")
+        except OSError as e:
+            return _fail(f"--json {args.json!r}: cannot write it: {e.strerror or e}")
+        print(f"wrote {args.json} ({report!r})", file=notes)
+    if args.plot is not None:
+        try:
+            f = open(args.plot, "xb")  # never replaces a file
+        except OSError as e:
+            return _fail(f"--plot {args.plot!r}: cannot write it: {e.strerror or e}")
+        try:
+            with f:
+                report.plot(f)
+        except BaseException:
+            os.remove(args.plot)  # ours, half written
+            raise
+        print(f"wrote {args.plot}", file=notes)
     return 0
 
 
@@ -340,7 +394,9 @@ def _cmd_bench(args) -> int:
     if args.paper_scale:
         p = r["paper_scale"]
         print(f"the paper's run: {p['inputs']} inputs, batch {p['batch']}, {p['epochs']} epochs "
-              f"= {p['steps']} steps; ours adds a statistics pass of {p['stats_seconds']:.1f} s")
+              f"= {p['steps']} steps; ours adds a statistics pass of {p['stats_seconds']:.1f} s; "
+              f"cached: the teacher's signals kept after the first epoch "
+              f"({p['cache_bytes'] / 2 ** 30:.1f} GiB)")
         for k, v in p["projected_seconds"].items():
             print(f"  {k:<9} {v / 60:8.1f} min  ({v / p['projected_seconds']['plain']:.2f}x "
                   "plain)")
@@ -399,6 +455,16 @@ def _at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
         return value
     return parse
+
+
+def _scan_defaults() -> dict:
+    """scan()'s keyword defaults, for the help texts (empty without the CLEAR scanner)."""
+    try:
+        from medic_fast.clear.detect import scan
+    except ImportError:
+        return {}
+    return {name: p.default for name, p in inspect.signature(scan).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 def _names(text: str) -> List[str]:
@@ -506,13 +572,32 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_sanitize)
 
     c = sub.add_parser("scan", formatter_class=fmt, help="scan for a sample-targeted backdoor "
-                       "(CLEAR)", description="Search the model's feature space for pockets "
-                       "(CLEAR) and print the report as JSON.")
+                       "(CLEAR)", description="Detects sample-targeted backdoors (one attacked "
+                       "sample sent to a target class), not trigger backdoors such as BadNets: "
+                       "for those use MEDIC (medic-fast sanitize). Searches the model's feature "
+                       "space for pockets (CLEAR) and prints the report as JSON, or writes it "
+                       "with --json. Never overwrites a file.")
     model_args(c)
+    scan_defaults = _scan_defaults()
     c.add_argument("--threshold", type=float, default=0.5, help="flag a class pair whose "
                    "pocket-finding rate exceeds this")
+    c.add_argument("--k", type=_at_least(2), default=None, help="anchors (clean samples) per "
+                   f"search; default scan()'s: {scan_defaults.get('k', '?')}")
+    c.add_argument("--restarts", type=_at_least(1), default=None, help="searches per class "
+                   "pair (P's resolution is 1/restarts); default scan()'s: "
+                   f"{scan_defaults.get('restarts', '?')}")
+    c.add_argument("--cut", default=None, metavar="MODULE", help="name of the module whose "
+                   "input is the feature space searched; default the input of the "
+                   "second-to-last Linear layer, or of the last convolution or residual block "
+                   "(docs/DESIGN.md section 2)")
     c.add_argument("--threads", type=_at_least(1), default=None, help="torch threads; default "
                    "every core this process may use")
+    c.add_argument("--json", default=None, metavar="OUT.json", help="write the report there "
+                   "as indented JSON (must not exist) instead of printing it")
+    c.add_argument("--plot", default=None, metavar="OUT.png", help="draw the pocket-finding "
+                   "rate of every class pair as a heatmap (must not exist; the type from the "
+                   "extension: .png, .pdf, .svg...); needs matplotlib: pip install "
+                   "\"medic_fast[plot]\"")
     _backend_arg(c, "pocket_search", "the pocket search")
     c.set_defaults(func=_cmd_scan)
 

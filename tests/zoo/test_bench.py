@@ -32,8 +32,9 @@ def test_bench_steps_times_the_cloner_users_get(monkeypatch, capsys):
 
     monkeypatch.setattr(medic_fast, "Cloner", Spy)
     r = bench_steps(batch=2, size=8, repeats=2, warmup=1, backend="reference", progress=True)
-    assert made == [{"tau": 5.0, "lam": 10.0, "backend": "reference"}]
-    assert set(r["seconds"]) == {"plain", "ours", "released"}
+    assert made[0] == {"tau": 5.0, "lam": 10.0, "backend": "reference"}
+    assert made[1]["cache"].hits == 2 and made[1]["cache"].misses == 1  # warm-up fills it
+    assert set(r["seconds"]) == {"plain", "ours", "cached", "released"}
     assert all(v > 0 for v in r["seconds"].values())
     assert r["hooked"] == 25 and (r["batch"], r["size"], r["repeats"]) == (2, 8, 2)
     assert r["ours_vs_plain"] == pytest.approx(r["seconds"]["ours"] / r["seconds"]["plain"])
@@ -96,6 +97,10 @@ def test_paper_scale_projects_the_whole_run(monkeypatch, capsys):
     assert p["projected_seconds"]["plain"] == pytest.approx(12 * r["seconds"]["plain"])
     assert p["projected_seconds"]["ours"] == pytest.approx(12 * r["seconds"]["ours"]
                                                           + p["stats_seconds"])
+    assert p["projected_seconds"]["cached"] == pytest.approx(
+        3 * r["seconds"]["ours"] + 9 * r["seconds"]["cached"] + p["stats_seconds"])
+    assert p["cache_bytes"] == 2 * 5 * 4 * sum(  # acts and grads, float32, 5 inputs
+        a[0].numel() for a in _wrn_acts(8))
     assert p["ours_vs_plain"] == pytest.approx(p["projected_seconds"]["ours"]
                                                / p["projected_seconds"]["plain"])
     threads = torch.get_num_threads()
@@ -105,3 +110,13 @@ def test_paper_scale_projects_the_whole_run(monkeypatch, capsys):
     assert "the paper's run: 5 inputs, batch 2, 4 epochs = 12 steps" in out
     assert "released / ours" in out and "statistics pass" in err
     assert torch.get_num_threads() == threads
+
+
+def _wrn_acts(size):
+    from medic_fast.capture import ActivationCapture
+    from medic_fast.zoo import models
+
+    m = models.wrn16_1().eval()
+    with torch.no_grad(), ActivationCapture(m, models.wrn_released_layers(m)) as cap:
+        m(torch.rand(1, 3, size, size))
+        return cap.outputs()
