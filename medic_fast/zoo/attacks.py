@@ -1,24 +1,28 @@
 """Backdoor attacks on tensors of images ``[N, C, H, W]`` in [0, 1], to build trojaned models and
 measure attack success: BadNets (patch), Blend (alpha-blended pattern), SIG (sinusoidal signal,
 clean-label), WaNet (smooth image warping), LabelConsistent (clean-label: adversarially perturbed
-target-class samples with a patch) and label flip (sample-targeted, no trigger; for CLEAR).
+target-class samples with a patch), label flip (sample-targeted, no trigger; for CLEAR) and the
+clean-label feature-space poisons of CLEAR's §5: Feature Collision, Convex Polytope and Bullseye
+Polytope (sample-targeted; :meth:`FeaturePoisoning.poison_for` and :func:`draw_victim`).
 
-Each attack has ``poison(X, y, rate, target, seed)``, returning new tensors (the inputs are not
-modified) and the indices of the poisoned samples, and ``apply(X)`` (also ``attack(X)``), which
-stamps the trigger on new copies of inputs at test time, e.g.
-``evaluate(model, X, y, trigger=attack, target=t)``.
+Each trigger attack has ``poison(X, y, rate, target, seed)``, returning new tensors (the inputs
+are not modified) and the indices of the poisoned samples, and ``apply(X)`` (also ``attack(X)``),
+which stamps the trigger on new copies of inputs at test time, e.g.
+``evaluate(model, X, y, trigger=attack, target=t)``. The feature-space poisons aim at one victim
+sample instead: ``poison_for(X, y, victim_x, target, n_poisons, seed)``.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["Poisoned", "Attack", "BadNets", "Blend", "SIG", "WaNet", "LabelConsistent",
-           "LabelFlip"]
+           "LabelFlip", "Victim", "draw_victim", "FeaturePoisoning", "FeatureCollision",
+           "ConvexPolytope", "BullseyePolytope"]
 
 
 class Poisoned(NamedTuple):
@@ -428,3 +432,327 @@ class LabelFlip(Attack):
         rows = p.index.repeat_interleave(self.copies)
         return Poisoned(torch.cat([X, X[rows]]), torch.cat([y, torch.full_like(y[rows], target)]),
                         p.index)
+
+
+class Victim(NamedTuple):
+    """A sample-targeted attack's draw: the attacked sample's ``index`` (a row of the labels
+    given to :func:`draw_victim`), its true class ``source`` and the ``target`` class."""
+    index: int
+    source: int
+    target: int
+
+
+def draw_victim(y: Tensor, classes: int, seed: int = 0) -> Victim:
+    """A random attacked sample and a random other target class, as in CLEAR's §5: a source
+    class uniformly from ``classes``, a target uniformly from the other classes (both from a
+    generator seeded with ``seed``), then one row of ``y`` of the source class, drawn as
+    :meth:`LabelFlip.poison` draws it (``randperm`` over the class's rows from a second generator
+    seeded with ``seed``). These are exactly the draws of ``zoo.tasks._task``: ``LabelFlip(
+    source).poison(X, y, 1 / len(y), target, seed).index`` is ``[index]``. ``y``: training
+    labels (label flip) or the test labels (clean-label attacks, whose victim is a test-time
+    sample)."""
+    if not isinstance(y, Tensor) or y.dim() != 1 or y.is_floating_point():
+        raise ValueError("y must be a 1-D integer label tensor")
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
+        raise ValueError(f"classes must be an int >= 2, got {classes!r}")
+    gen = torch.Generator().manual_seed(seed)
+    source = int(torch.randint(classes, (1,), generator=gen))
+    target = (source + 1 + int(torch.randint(classes - 1, (1,), generator=gen))) % classes
+    rows = torch.nonzero(y == source).flatten()
+    if len(rows) == 0:
+        raise ValueError(f"y has no sample of the drawn source class {source} (seed {seed})")
+    pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[0]
+    return Victim(int(rows[pick]), source, target)
+
+
+def _project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of the vector ``v`` onto the probability simplex."""
+    u = v.sort(descending=True).values
+    css = u.cumsum(0) - 1
+    k = torch.arange(1, len(v) + 1, dtype=v.dtype, device=v.device)
+    rho = int(torch.nonzero(u - css / k > 0).flatten()[-1])
+    return (v - css[rho] / (rho + 1)).clamp_min(0)
+
+
+class FeaturePoisoning(Attack):
+    """Clean-label, sample-targeted poisoning in a feature space (CLEAR's §5 attacks): a few
+    training samples of the target class ("bases") are perturbed, labels kept, so that their
+    ``features`` pull one test-time victim sample towards the target class when a model on those
+    features (the head, in the transfer-learning setting) is trained on them. Subclasses define
+    the objective: :class:`FeatureCollision`, :class:`ConvexPolytope`,
+    :class:`BullseyePolytope`.
+
+    Optimisation (one loop for all three): Adam at a constant ``lr`` on the perturbations of all
+    poisons together, each step followed by projection onto the budget (L-inf: clip each
+    coordinate to ``[-budget, budget]``; L2: rescale each poison's perturbation to norm at most
+    ``budget``) and then clamping into ``clamp`` (if not None). A hard budget rather than
+    Shafahi's proximity penalty alone, so the poisons' distance to their bases is guaranteed
+    (:class:`FeatureCollision`'s ``beta`` adds that penalty inside the budget). Deterministic.
+
+    Args:
+        features: ``x -> [N, D]``, e.g. a frozen network up to the head. Only the poisons get
+            gradients (``torch.autograd.grad``): no parameter's ``.grad`` is touched. If it is an
+            ``nn.Module``, or ``module`` is given, that module runs in eval mode with its
+            parameters' ``requires_grad`` off during the attack, and every module's mode and
+            every flag are restored afterwards; a plain callable is run as it is.
+        budget: perturbation bound (> 0) per poison, in ``norm``.
+        norm: ``"linf"`` or ``"l2"``.
+        steps, lr: Adam steps and learning rate. Default lr ``None``: ``budget / 10``, so a
+            poison can cross its budget ball in a handful of steps and settle in the rest.
+        clamp: ``(low, high)`` valid input range (default (0, 1), images), or None for inputs
+            with no range (e.g. Swiss-roll points). Bases are expected inside it.
+        bases: how :meth:`poison_for` picks the base rows among those of the target class:
+            ``"nearest"`` (default: those whose features are closest to the victim's; the most
+            effective bases, as the attacks' authors also chose bases of the target class close
+            enough to collide) or ``"random"`` (drawn with ``seed``).
+        module: see ``features``.
+    """
+
+    images = False
+
+    def __init__(self, features: Callable[[Tensor], Tensor], *, budget: float,
+                 norm: str = "linf", steps: int = 200, lr: Optional[float] = None,
+                 clamp: Optional[Tuple[float, float]] = (0.0, 1.0), bases: str = "nearest",
+                 module: Optional[nn.Module] = None):
+        if not callable(features):
+            raise TypeError(f"features must be callable (x -> [N, D]), got "
+                            f"{type(features).__name__}")
+        if (not isinstance(budget, (int, float)) or isinstance(budget, bool)
+                or not math.isfinite(budget) or budget <= 0):
+            raise ValueError(f"budget must be a finite number > 0, got {budget!r}")
+        if norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool)
+                               or not math.isfinite(lr) or lr <= 0):
+            raise ValueError(f"lr must be a finite number > 0 (or None), got {lr!r}")
+        if clamp is not None and (len(clamp) != 2 or not clamp[0] < clamp[1]):
+            raise ValueError(f"clamp must be (low, high) with low < high, or None, got {clamp!r}")
+        if bases not in ("nearest", "random"):
+            raise ValueError(f"bases must be 'nearest' or 'random', got {bases!r}")
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module or None, got {type(module).__name__}")
+        self.features, self.budget, self.norm, self.steps = features, float(budget), norm, steps
+        self.lr = self.budget / 10 if lr is None else float(lr)
+        self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
+        self.bases = bases
+        self.coeffs: Optional[Tensor] = None  # the last perturb's c (polytopes), else None
+        self.module = module if module is not None else (
+            features if isinstance(features, nn.Module) else None)
+
+    # -- no trigger: the victim is attacked as it is -------------------------------------------
+    def apply(self, X: Tensor) -> Tensor:
+        _check_inputs(X, self.images)
+        return X.clone()
+
+    def poison(self, X: Tensor, y: Tensor, rate: float, target: int, seed: int = 0) -> Poisoned:
+        raise TypeError(f"{type(self).__name__} poisons against one victim sample: use "
+                        f"poison_for(X, y, victim_x, target, n_poisons, seed)")
+
+    # -- the objective (subclasses) ------------------------------------------------------------
+    def _init_coeffs(self, k: int, like: Tensor) -> Optional[Tensor]:
+        return None
+
+    def _update_coeffs(self, fp: Tensor, ft: Tensor, coeffs: Optional[Tensor]):
+        return coeffs
+
+    def _objective(self, fp: Tensor, ft: Tensor, coeffs: Optional[Tensor], delta: Tensor) -> Tensor:
+        """The loss of poison features ``fp`` [k, D] against the victim's ``ft`` [D]."""
+        raise NotImplementedError
+
+    def objective(self, poisons: Tensor, victim_x: Tensor) -> float:
+        """The attack's feature objective at ``poisons`` (for the polytope, with its best
+        simplex coefficients, resp. uniform ones), without any proximity term."""
+        _check_inputs(poisons, self.images)
+        victim_x = self._victim(victim_x, poisons.shape[1:])
+        with torch.no_grad(), self._frozen():
+            fp, ft = self._feat(poisons), self._feat(victim_x)[0]
+            coeffs = self._init_coeffs(len(fp), fp)
+            for _ in range(100):
+                coeffs = self._update_coeffs(fp, ft, coeffs)
+            return float(self._objective(fp, ft, coeffs, torch.zeros_like(poisons)))
+
+    # -- the shared optimisation ---------------------------------------------------------------
+    def _feat(self, x: Tensor) -> Tensor:
+        f = self.features(x)
+        if not isinstance(f, Tensor) or f.dim() < 1 or f.shape[0] != x.shape[0]:
+            raise ValueError(f"features must map [N, ...] inputs to [N, D] tensors, got "
+                             f"{type(f).__name__} {tuple(getattr(f, 'shape', ()))}")
+        return f.flatten(1)
+
+    class _Frozen:
+        def __init__(self, module):
+            self.module = module
+
+        def __enter__(self):
+            m = self.module
+            if m is not None:
+                self.modes = {s: s.training for s in m.modules()}
+                self.flags = {p: p.requires_grad for p in m.parameters()}
+                m.eval()
+                for p in self.flags:
+                    p.requires_grad_(False)
+
+        def __exit__(self, *exc):
+            if self.module is not None:
+                for s, training in self.modes.items():
+                    s.train(training)
+                for p, flag in self.flags.items():
+                    p.requires_grad_(flag)
+            return False
+
+    def _frozen(self):
+        return FeaturePoisoning._Frozen(self.module)
+
+    def _victim(self, victim_x, shape) -> Tensor:
+        """``victim_x`` as a batch of one sample of ``shape``."""
+        _check_inputs(victim_x, self.images)
+        if victim_x.shape == shape:
+            victim_x = victim_x.unsqueeze(0)
+        if victim_x.shape != (1, *shape):
+            raise ValueError(f"victim_x must be one sample shaped {tuple(shape)} (or [1, ...]), "
+                             f"got {tuple(victim_x.shape)}")
+        return victim_x.detach()
+
+    def _project(self, delta: Tensor, bases: Tensor) -> Tensor:
+        if self.norm == "linf":
+            delta = delta.clamp(-self.budget, self.budget)
+        else:
+            norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+            scale = (self.budget / norms).clamp(max=1).view(-1, *[1] * (delta.dim() - 1))
+            delta = delta * scale
+        if self.clamp is not None:
+            delta = (bases + delta).clamp(*self.clamp) - bases
+        return delta
+
+    def perturb(self, bases: Tensor, victim_x: Tensor) -> Tensor:
+        """The poisons: ``bases`` [k, ...] perturbed within the budget (and ``clamp``) to
+        minimise the objective against ``victim_x`` ([...] or [1, ...]); a new tensor."""
+        _check_inputs(bases, self.images)
+        if bases.dim() < 2 or len(bases) < 1:
+            raise ValueError(f"bases must be [k, ...] with k >= 1, got {tuple(bases.shape)}")
+        victim_x = self._victim(victim_x, bases.shape[1:])
+        b = bases.detach()
+        with self._frozen(), torch.enable_grad():
+            with torch.no_grad():
+                ft = self._feat(victim_x.detach())[0]
+            delta = torch.zeros_like(b, requires_grad=True)
+            opt = torch.optim.Adam([delta], lr=self.lr)
+            coeffs = self._init_coeffs(len(b), ft)
+            for _ in range(self.steps):
+                fp = self._feat(b + delta)
+                coeffs = self._update_coeffs(fp.detach(), ft, coeffs)
+                loss = self._objective(fp, ft, coeffs, delta)
+                (delta.grad,) = torch.autograd.grad(loss, delta)
+                opt.step()
+                with torch.no_grad():
+                    delta.copy_(self._project(delta, b))
+        self.coeffs = coeffs
+        return (b + delta.detach()).to(bases.dtype)
+
+    def poison_for(self, X: Tensor, y: Tensor, victim_x: Tensor, target: int,
+                   n_poisons: int = 1, seed: int = 0) -> Poisoned:
+        """Poison the training set ``(X, y)`` against ``victim_x`` (one test-time sample, not in
+        ``X``): ``n_poisons`` rows of class ``target`` (the bases, picked as ``bases`` says,
+        ``seed`` drawing random ones) are *replaced* by their poisons, labels kept (clean-label),
+        so the set keeps its size. ``index``: the poisoned rows, sorted. ``X``, ``y`` are not
+        modified."""
+        _check_inputs(X, self.images)
+        if X.dim() < 2:
+            raise ValueError(f"X must be [N, ...] samples, got shape {tuple(X.shape)}")
+        if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != X.shape[0]:
+            raise ValueError("y must be a 1-D label tensor with one label per row of X")
+        if not isinstance(target, int) or isinstance(target, bool):
+            raise TypeError(f"target must be an int class index, got {type(target).__name__}")
+        if not isinstance(n_poisons, int) or isinstance(n_poisons, bool) or n_poisons < 1:
+            raise ValueError(f"n_poisons must be an int >= 1, got {n_poisons!r}")
+        victim_x = self._victim(victim_x, X.shape[1:])
+        cand = torch.nonzero(y == target).flatten()
+        if len(cand) < n_poisons:
+            raise ValueError(f"{type(self).__name__}: y has {len(cand)} samples of target class "
+                             f"{target}, fewer than n_poisons={n_poisons}")
+        if self.bases == "random":
+            gen = torch.Generator().manual_seed(seed)
+            idx = cand[torch.randperm(len(cand), generator=gen)[:n_poisons]]
+        else:
+            with torch.no_grad(), self._frozen():
+                d = (self._feat(X[cand]) - self._feat(victim_x)).norm(dim=1)
+            idx = cand[d.argsort(stable=True)[:n_poisons]]
+        idx = idx.sort().values
+        Xp = X.clone()
+        Xp[idx] = self.perturb(X[idx], victim_x)
+        return Poisoned(Xp, y.clone(), idx)
+
+
+class FeatureCollision(FeaturePoisoning):
+    """Feature Collision ("Poison Frogs", Shafahi et al. 2018): each poison independently
+    minimises ``||f(p) - f(t)||^2 + beta * ||p - b||^2`` within the budget (see
+    :class:`FeaturePoisoning`; ``beta`` default 0: the hard budget alone keeps the poison near
+    its base, Shafahi's penalty is optional on top)."""
+
+    def __init__(self, features: Callable[[Tensor], Tensor], *, budget: float,
+                 norm: str = "linf", steps: int = 200, lr: Optional[float] = None,
+                 beta: float = 0.0, clamp: Optional[Tuple[float, float]] = (0.0, 1.0),
+                 bases: str = "nearest", module: Optional[nn.Module] = None):
+        super().__init__(features, budget=budget, norm=norm, steps=steps, lr=lr, clamp=clamp,
+                         bases=bases, module=module)
+        if (not isinstance(beta, (int, float)) or isinstance(beta, bool)
+                or not math.isfinite(beta) or beta < 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        self.beta = float(beta)
+
+    def _objective(self, fp, ft, coeffs, delta):
+        loss = ((fp - ft) ** 2).sum()
+        if self.beta:
+            loss = loss + self.beta * (delta ** 2).sum()
+        return loss
+
+
+class ConvexPolytope(FeaturePoisoning):
+    """Convex Polytope (Zhu et al. 2019): the poisons' features surround the victim's:
+    minimise ``||f(t) - sum_j c_j f(p_j)||^2 / ||f(t)||^2`` over the poisons (within the budget)
+    and ``c`` on the simplex (``c >= 0``, ``sum c = 1``; starts uniform), alternating: before
+    each Adam step on the poisons, ``coeff_steps`` projected-gradient steps on ``c`` (step
+    ``1 / L``, ``L`` the quadratic's Lipschitz constant). Single network (no ensemble)."""
+
+    def __init__(self, features: Callable[[Tensor], Tensor], *, budget: float,
+                 norm: str = "linf", steps: int = 200, lr: Optional[float] = None,
+                 coeff_steps: int = 5, clamp: Optional[Tuple[float, float]] = (0.0, 1.0),
+                 bases: str = "nearest", module: Optional[nn.Module] = None):
+        super().__init__(features, budget=budget, norm=norm, steps=steps, lr=lr, clamp=clamp,
+                         bases=bases, module=module)
+        if not isinstance(coeff_steps, int) or isinstance(coeff_steps, bool) or coeff_steps < 0:
+            raise ValueError(f"coeff_steps must be an int >= 0, got {coeff_steps!r}")
+        self.coeff_steps = coeff_steps
+
+    def _init_coeffs(self, k, like):
+        return torch.full((k,), 1.0 / k, dtype=like.dtype, device=like.device)
+
+    def _update_coeffs(self, fp, ft, coeffs):
+        norm2 = (ft ** 2).sum().clamp_min(1e-12)
+        lip = 2 * torch.linalg.matrix_norm(fp @ fp.T, ord=2) / norm2
+        if float(lip) <= 0:
+            return coeffs
+        for _ in range(self.coeff_steps):
+            grad = 2 * fp @ (coeffs @ fp - ft) / norm2
+            coeffs = _project_simplex(coeffs - grad / lip)
+        return coeffs
+
+    def _objective(self, fp, ft, coeffs, delta):
+        return ((ft - coeffs @ fp) ** 2).sum() / (ft ** 2).sum().clamp_min(1e-12)
+
+
+class BullseyePolytope(ConvexPolytope):
+    """Bullseye Polytope (Aghakhani et al. 2021): :class:`ConvexPolytope` with ``c`` fixed to
+    ``1/k``: the poisons' mean feature is pulled onto the victim's."""
+
+    def __init__(self, features: Callable[[Tensor], Tensor], *, budget: float,
+                 norm: str = "linf", steps: int = 200, lr: Optional[float] = None,
+                 clamp: Optional[Tuple[float, float]] = (0.0, 1.0), bases: str = "nearest",
+                 module: Optional[nn.Module] = None):
+        super().__init__(features, budget=budget, norm=norm, steps=steps, lr=lr, coeff_steps=0,
+                         clamp=clamp, bases=bases, module=module)
+
+    def _update_coeffs(self, fp, ft, coeffs):
+        return coeffs
