@@ -79,6 +79,16 @@ class ScanReport:
         """:meth:`to_dict` as JSON (``kwargs`` go to ``json.dumps``)."""
         return json.dumps(self.to_dict(), **kwargs)
 
+    def plot(self, path=None, *, ax=None):
+        """Draw P as a heatmap over (source, target) class pairs: cells not searched grey, the
+        threshold on the colour bar, the pairs above it outlined, the verdict in the title; save
+        it to ``path`` (PNG, PDF, SVG...: from the extension) and return the matplotlib figure.
+        ``ax``: draw into these axes instead (``path`` may then be None). Needs matplotlib
+        (``pip install "medic_fast[plot]"``); see :func:`medic_fast.clear.plots.heatmap`."""
+        from medic_fast.clear.plots import heatmap
+
+        return heatmap(self, path, ax=ax)
+
     def __repr__(self) -> str:
         verdict = f"flagged, target {self.target}" if self.flagged else "not flagged"
         return (f"ScanReport({verdict}; {len(self.pairs)} pairs above {self.threshold}; "
