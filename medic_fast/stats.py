@@ -78,12 +78,23 @@ class _Moments:
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
         dims = [d for d in range(x.dim()) if d != 1] if per == "channel" else [0]
-        # A CPU reduction of float32 accumulates in float64 already; converting the rows first
-        # only doubled the time of the statistics pass (RESULTS §10).
-        var, mean = (v.to(torch.float64) for v in torch.var_mean(x, dims, correction=0))
-        n = float(x.numel() // mean.numel())
-        self.merge(n, mean, var * n)
-        return torch.isfinite(var).all() | (n == 0)
+        if x.shape[0] == 0:
+            return torch.ones((), dtype=torch.bool, device=x.device)
+        # Sums of (x - shift), shift = the first row's mean per statistic: plain sums are 5x
+        # faster than var_mean's Welford pass on CPU, and the shift keeps E[d^2] - E[d]^2 free of
+        # cancellation when a mean is large against its spread (RESULTS §10). Sums are pairwise
+        # in float32, the moments merged in float64.
+        inner = [k for k in dims if k != 0]
+        shift = x[:1].mean(inner, keepdim=True) if inner else x[:1]
+        d = x - shift
+        n = float(x.numel() // x.shape[1]) if per == "channel" else float(x.shape[0])
+        s1 = d.sum(dims).to(torch.float64)
+        s2 = d.square().sum(dims).to(torch.float64)
+        mean_d = s1 / n
+        m2 = (s2 - s1 * mean_d).clamp_min(0)
+        mean = shift.reshape(mean_d.shape).to(torch.float64) + mean_d
+        self.merge(n, mean, m2)
+        return torch.isfinite(m2).all() & torch.isfinite(mean).all()
 
 
 def _comm_device(like: Tensor) -> torch.device:
