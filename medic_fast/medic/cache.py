@@ -74,8 +74,8 @@ class TeacherCache:
         self.hits += 1
         i = index.to(self.acts[0].device)
         n = len(index)
-        acts = [a[i].to(d) for a, d in zip(self.acts, self._dtypes)]
-        grads = [(g[i] / n).to(d) for g, d in zip(self.grads, self._dtypes)]
+        acts = [a.index_select(0, i).to(d) for a, d in zip(self.acts, self._dtypes)]
+        grads = [g.index_select(0, i).div_(n).to(d) for g, d in zip(self.grads, self._dtypes)]
         return acts, grads
 
     def put(self, index: Tensor, acts: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
@@ -99,7 +99,7 @@ class TeacherCache:
         i = index.to(self.acts[0].device)
         n = len(index)
         for store, a in zip(self.acts, acts):
-            store[i] = a.detach().to(store.dtype)
+            store.index_copy_(0, i, a.detach().to(store.dtype))
         for store, g in zip(self.grads, grads):
-            store[i] = (g.detach() * n).to(store.dtype)
+            store.index_copy_(0, i, (g.detach() * n).to(store.dtype))
         self.filled[i] = True
