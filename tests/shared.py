@@ -19,6 +19,35 @@ def digits(n=None, seed=0):
     return X, y
 
 
+class Pairs(torch.utils.data.Dataset):
+    """A map-style Dataset of (x, y) samples (not a TensorDataset)."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.X[i], self.y[i]
+
+
+def badnets_trojan(epochs):
+    """A small BadNets-trojaned DigitsCNN (8, 16, 16) trained ``epochs`` epochs, its clean split,
+    a test split and the attack (target 0): the digits split 60/10/30, seed 0."""
+    import medic_fast as mf
+    from medic_fast import data
+    from medic_fast.zoo import attacks, models
+
+    X, y = datasets.load_digits()
+    (Xtr, ytr), (Xc, yc), (Xte, yte) = data.split(X, y, [0.6, 0.1, 0.3], seed=0)
+    atk = attacks.BadNets(size=3)
+    p = atk.poison(Xtr, ytr, 0.1, 0, seed=0)
+    model = mf.train_from_scratch(models.DigitsCNN((8, 16, 16)), (p.X, p.y), epochs=epochs,
+                                  progress=False).model
+    return model, (Xc, yc), (Xte, yte), atk
+
+
 def frozen(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 

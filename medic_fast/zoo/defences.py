@@ -17,6 +17,7 @@ history), returns a :class:`~medic_fast.medic.Result` and never modifies the giv
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -139,19 +140,27 @@ def _is_conv(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.conv._ConvNd) and not m.transposed
 
 
-def _execution_order(model: nn.Module, x: Tensor) -> List[str]:
-    """Names of the leaf modules of ``model`` in the order one forward on ``x`` (eval mode, no
-    gradients) calls them, a name once per call."""
-    order: List[str] = []
-    handles = [m.register_forward_hook(lambda m, i, o, n=n: order.append(n))
-               for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+def _forward_calls(model: nn.Module, x: Tensor, leaves: bool = False) -> List[Tuple[str, object]]:
+    """``(name, output)`` of every call of a named module of ``model`` (only leaf modules when
+    ``leaves``), in the order the calls complete during one forward on ``x`` (eval mode, no
+    gradients)."""
+    calls: List[Tuple[str, object]] = []
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: calls.append((n, o)))
+               for n, m in model.named_modules()
+               if n and not (leaves and any(True for _ in m.children()))]
     try:
         with torch.no_grad(), eval_mode(model):
             model(x)
     finally:
         for h in handles:
             h.remove()
-    return order
+    return calls
+
+
+def _execution_order(model: nn.Module, x: Tensor) -> List[str]:
+    """Names of the leaf modules of ``model`` in the order one forward on ``x`` (eval mode, no
+    gradients) calls them, a name once per call."""
+    return [n for n, _ in _forward_calls(model, x, leaves=True)]
 
 
 def _prune_target(model: nn.Module, layer, x: Tensor, also: nn.Module
@@ -327,23 +336,10 @@ def nad_layers(model: nn.Module, x: Tensor) -> List[str]:
     ``[N, C, H, W]`` activation the forward produces at that resolution (``H * W > 1``), named by
     the innermost module that outputs it and runs once per forward (a residual network's last
     block of each stage, DigitsCNN's last ReLU at 8x8 and at 4x4)."""
-    outs: List[Tuple[str, Tensor]] = []
-    calls: dict = {}
-
-    def hook(name):
-        def record(m, i, o):
-            calls[name] = calls.get(name, 0) + 1
-            if isinstance(o, Tensor) and o.dim() == 4 and o.shape[2] * o.shape[3] > 1:
-                outs.append((name, o))
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    done = _forward_calls(model, x)
+    calls = Counter(n for n, _ in done)
+    outs = [(n, o) for n, o in done
+            if isinstance(o, Tensor) and o.dim() == 4 and o.shape[2] * o.shape[3] > 1]
     last = {}
     for name, o in outs:  # in completion order: the last at each resolution wins
         last[tuple(o.shape[2:])] = o

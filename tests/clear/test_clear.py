@@ -1,11 +1,12 @@
 """CLEAR: cuts, scan, patch, and their errors (the pocket search itself: tests/ops)."""
-import contextlib
 import dataclasses
 import json
 import math
 
 import pytest
 import torch
+
+from medic_fast._utils import torch_threads
 from torch import nn
 
 import medic_fast
@@ -13,21 +14,12 @@ from medic_fast.clear import graph
 from shared import needs_extension
 
 
-@contextlib.contextmanager
-def _threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
     """These problems are small: one thread runs them fastest and is not slowed down by other
     processes on a shared machine."""
-    with _threads(1):
+    with torch_threads(1):
         yield
 
 
@@ -198,7 +190,7 @@ def test_scan_finds_a_planted_pocket_and_nothing_in_its_control(seed):
 @pytest.fixture(scope="module")
 def digits():
     from medic_fast.zoo.tasks import digits_task
-    with _threads(1):  # module fixtures are set up before the autouse one above
+    with torch_threads(1):  # module fixtures are set up before the autouse one above
         return digits_task(4, poisoned=True), digits_task(4, poisoned=False)
 
 

@@ -1,6 +1,5 @@
 """CLEAR's figures: ScanReport.plot (the P heatmap), clear.plots.decision_regions and
 pocket_inputs, and the message without matplotlib (an optional dependency: the plot extra)."""
-import contextlib
 import dataclasses
 import math
 import subprocess
@@ -9,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from medic_fast._utils import torch_threads
+
 import medic_fast
 from medic_fast.capture import ActivationCapture
 from medic_fast.clear import plots
@@ -16,19 +17,10 @@ from medic_fast.clear import plots
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@contextlib.contextmanager
-def _threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    with _threads(1):
+    with torch_threads(1):
         yield
 
 
@@ -38,7 +30,7 @@ def swiss():
     pytest.importorskip("matplotlib")
     from medic_fast.zoo.tasks import swiss_roll_task
 
-    with _threads(1):  # module fixtures are set up before the autouse one above
+    with torch_threads(1):  # module fixtures are set up before the autouse one above
         task = swiss_roll_task(seed=0)
         report = medic_fast.scan(task.model, task.val, restarts=2, steps=200, threads=1)
     return task, report

@@ -2,12 +2,13 @@
 recomputing them, in any batch composition; sanitize uses it only where inputs repeat."""
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 import medic_fast as mf
 from medic_fast.capture import default_layers
 from medic_fast.medic.cache import TeacherCache
 from medic_fast.zoo import models
+from shared import Pairs
 
 torch.set_num_threads(1)
 
@@ -97,17 +98,6 @@ def test_cloner_with_cache_equals_recomputing(setup):
                   loss_fn=lambda out, batch: out.sum())
 
 
-class _Items(Dataset):
-    def __init__(self, X, y):
-        self.X, self.y = X, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.X[i], self.y[i]
-
-
 def test_sanitize_caches_only_where_inputs_repeat(setup, monkeypatch):
     teacher, X, y, _, _ = setup
     made = []
@@ -128,9 +118,9 @@ def test_sanitize_caches_only_where_inputs_repeat(setup, monkeypatch):
     for p, q in zip(off.model.parameters(), auto.model.parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
     mf.sanitize(teacher, TensorDataset(X, y), **kw)
-    mf.sanitize(teacher, _Items(X, y), cache=True, **kw)
+    mf.sanitize(teacher, Pairs(X, y), cache=True, **kw)
     assert len(made) == 3 and made[2].hits == 6
-    mf.sanitize(teacher, _Items(X, y), **kw)  # a Dataset may transform at random: not by default
+    mf.sanitize(teacher, Pairs(X, y), **kw)  # a Dataset may transform at random: not by default
     mf.sanitize(teacher, (X, y), augment="crop", **kw)
     mf.sanitize(teacher, DataLoader(TensorDataset(X, y), batch_size=8), **kw)
     assert len(made) == 3

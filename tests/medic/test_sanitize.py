@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 import medic_fast as mf
 from medic_fast import data
 from medic_fast.capture import default_layers
-from medic_fast.zoo import attacks, datasets, models
-from shared import DEVICES, digits
+from medic_fast.zoo import attacks, models
+from shared import DEVICES, Pairs, badnets_trojan, digits
 
 torch.set_num_threads(1)
 
@@ -25,14 +25,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def trojan():
-    """A small BadNets-trojaned digits CNN, its clean split and the attack."""
-    X, y = datasets.load_digits()
-    (Xtr, ytr), (Xc, yc), (Xte, yte) = data.split(X, y, [0.6, 0.1, 0.3], seed=0)
-    atk = attacks.BadNets(size=3)
-    p = atk.poison(Xtr, ytr, 0.1, 0, seed=0)
-    model = mf.train_from_scratch(models.DigitsCNN((8, 16, 16)), (p.X, p.y), epochs=10,
-                                  progress=False).model
-    return model, (Xc, yc), (Xte, yte), atk
+    return badnets_trojan(epochs=10)
 
 
 def test_sanitize_end_to_end(trojan):
@@ -73,19 +66,6 @@ def test_sanitize_rejects_bad_arguments(trojan):
         mf.sanitize(model, (clean[0], clean[1].float()), epochs=1, progress=False)
 
 
-class _Pairs(Dataset):
-    """A map-style Dataset of (x, y) samples (not a TensorDataset)."""
-
-    def __init__(self, X, y):
-        self.X, self.y = X, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.X[i], self.y[i]
-
-
 @pytest.mark.parametrize("method", ["sanitize", "finetune", "train_from_scratch"])
 def test_bad_data_is_refused_naming_what_was_expected(trojan, method):
     """Empty data, dict or inputs-only batches, labels or a target outside the model's 10
@@ -107,7 +87,7 @@ def test_bad_data_is_refused_naming_what_was_expected(trojan, method):
     for label in (10, -1):
         bad = y.clone()
         bad[-1] = label
-        for d in ((X, bad), _Pairs(X, bad)):
+        for d in ((X, bad), Pairs(X, bad)):
             with pytest.raises(ValueError, match=r"^data: labels must be in \[0, 10\) for a "
                                rf"model with 10 classes, got label {label}$"):
                 run(model, d, **kw)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import medic_fast as mf
-from medic_fast import data
-from medic_fast.zoo import attacks, datasets, defences, models
+from medic_fast.zoo import attacks, defences, models
+from shared import badnets_trojan
 
 torch.set_num_threads(1)
 
@@ -17,13 +17,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def trojan():
     """A small BadNets-trojaned DigitsCNN, its clean split, a test split and the attack."""
-    X, y = datasets.load_digits()
-    (Xtr, ytr), (Xc, yc), (Xte, yte) = data.split(X, y, [0.6, 0.1, 0.3], seed=0)
-    atk = attacks.BadNets(size=3)
-    p = atk.poison(Xtr, ytr, 0.1, 0, seed=0)
-    model = mf.train_from_scratch(models.DigitsCNN((8, 16, 16)), (p.X, p.y), epochs=6,
-                                  progress=False).model
-    return model, (Xc, yc), (Xte, yte), atk
+    return badnets_trojan(epochs=6)
 
 
 RUNS = {
