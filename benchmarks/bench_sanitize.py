@@ -3,9 +3,10 @@
 1. One training step of WRN-16-1 (batch 64, 3x32x32, the 25 conv/bn tensors of the released
    recipe hooked), CPU: plain cross-entropy, our step (``medic_fast.Cloner``), and the
    released code's way (input gradients, two backward passes through both networks, per-layer
-   eager loss). Several rounds, each the median of ``--repeats`` interleaved steps on fresh
-   random inputs; the ratios are per round, so a busy machine slows all variants alike.
-   Target: ours <= 1.9x plain, clearly faster than released.
+   eager loss), and ours with the teacher's signals cached (the steps after the first epoch when
+   the inputs repeat). Several rounds, each the median of ``--repeats`` interleaved steps on
+   fresh random inputs; the ratios are per round, so a busy machine slows all variants alike.
+   Targets (issue 9): <= 1.6x plain at 2 threads, released >= 1.8x ours.
 2. The demo's wall-clock per phase (``medic-fast demo``).
 3. ``paper``: the paper's whole sanitization run (WRN-16-1, 2,500 inputs of 32x32x3, batch 64,
    60 epochs = 2,400 steps) projected from the median steps and a timed statistics pass

@@ -120,3 +120,35 @@ def _wrn_acts(size):
     with torch.no_grad(), ActivationCapture(m, models.wrn_released_layers(m)) as cap:
         m(torch.rand(1, 3, size, size))
         return cap.outputs()
+
+
+@pytest.fixture
+def defences_script(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("bench_defences",
+                                                  BENCHMARKS / "bench_defences.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_defences_job_table_and_plot(defences_script, tmp_path):
+    """One tiny job: the trojan row, then a row per defence and fraction, with the budget all
+    fresh-network defences share; the table's cells are seed means; the plot keeps only the
+    cases where the attack took."""
+    rows = defences_script.run_job(("cnn", "badnets", 0, [0.02], ["medic", "medic[tau=0]",
+                                                                  "scratch"], 2))
+    assert [r["defence"] for r in rows] == ["trojan", "medic", "medic[tau=0]", "scratch"]
+    assert rows[1]["clean"] == round(0.02 * 1258) and rows[1]["fraction"] == 0.02
+    assert all(0 <= r["acc"] <= 1 and 0 <= r["asr"] <= 1 for r in rows)
+    assert rows[0]["asr"] > 0.9  # 2 epochs are enough for BadNets to take
+    assert defences_script._options("tau=20;min_steps=500") == {"tau": 20.0, "min_steps": 500}
+    fake = [dict(r, seed=1, acc=0.5, asr=0.0) for r in rows]
+    text = defences_script.table(rows + fake, ["medic", "scratch"])
+    mean = 100 * (rows[1]["acc"] + 0.5) / 2
+    assert "| badnets | " in text and f"{mean:.1f} / " in text
+    taken = defences_script.took(rows + fake)  # seed 1's fake trojan has ASR 0: left out
+    assert {r["seed"] for r in taken} == {0}
+    path = tmp_path / "d.png"
+    defences_script.plot(rows + [dict(r, seed=2) for r in rows], ["medic", "scratch"], path)
+    assert path.stat().st_size > 0
