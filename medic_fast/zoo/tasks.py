@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from medic_fast.data import make_loader, split
 from medic_fast.train import fit
-from medic_fast.zoo.attacks import LabelFlip
+from medic_fast.zoo.attacks import LabelFlip, draw_victim
 from medic_fast.zoo.datasets import load_digits, load_swiss_roll
 from medic_fast.zoo.models import MLP
 
@@ -72,9 +72,8 @@ def _task(X, y, classes: int, widths: Sequence[int], fractions: Sequence[float],
     _train(model, train, epochs=epochs, lr=lr, seed=seed)
     x = source = target = None
     if poisoned:
-        gen = torch.Generator().manual_seed(seed)
-        source = int(torch.randint(classes, (1,), generator=gen))
-        target = (source + 1 + int(torch.randint(classes - 1, (1,), generator=gen))) % classes
+        victim = draw_victim(train[1], classes, seed)
+        source, target = victim.source, victim.target
         p = LabelFlip(source, copies=copies).poison(*train, 1 / len(train[1]), target, seed)
         train, x = (p.X, p.y), p.X[p.index]
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-2:]
