@@ -273,6 +273,7 @@ def _cmd_sanitize(args) -> int:
         epochs=args.epochs, min_steps=args.min_steps, lr=args.lr, batch_size=args.batch_size,
         weight_decay=args.weight_decay, criterion=args.criterion, stats=args.stats,
         augment=None if args.augment == "none" else args.augment, kd=args.kd,
+        cache={None: None, "auto": "auto", "on": True, "off": False}[args.cache],
         threads=args.threads, seed=args.seed, device=args.device,
         progress=not args.no_progress,
         checkpoint=args.state, resume=args.resume, eval_data=eval_data, trigger=trigger,
@@ -552,6 +553,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="activation criterion: |z| (paper eq. 2, default) or z (released code)")
     s.add_argument("--stats", choices=("channel", "neuron"), default=None,
                    help="teacher statistics per channel (default) or per neuron")
+    s.add_argument("--cache", choices=("auto", "on", "off"), default=None, help="keep the "
+                   "teacher's signals across epochs (same result, faster steps); default "
+                   f"{d['cache']}: for (X, y) data without augmentation, 4 epochs or more")
     s.add_argument("--threads", type=_at_least(1), default=None, help="torch threads; default "
                    "one for small models, else every core this process may use")
     s.add_argument("--device", default=None, help="torch device; default the model's (CPU)")

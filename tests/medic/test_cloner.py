@@ -17,6 +17,7 @@ from torch import nn
 import medic_fast
 from medic_fast.capture import ActivationCapture
 from medic_fast.medic.cloner import Cloner, masked_clone_loss
+from medic_fast.medic.recipes import RECIPES
 from medic_fast.stats import collect_stats
 from medic_fast.zoo import datasets, models
 from medic_fast.zoo.transformer import (TinyTransformer, TokenTrigger, make_sequences,
@@ -414,7 +415,9 @@ def test_sanitize_trains_on_the_cloner_loss(device, monkeypatch):
     assert all(t.device.type == device for t in [*r.model.parameters(), *r.model.buffers(),
                                                  *r.stats.mean, *r.stats.std])
     teacher = copy.deepcopy(trojan).eval().requires_grad_(False)
-    cloner = Cloner(teacher, copy.deepcopy(init).to(device).train(), r.stats.layers, r.stats)
+    settings = RECIPES["default"]
+    cloner = Cloner(teacher, copy.deepcopy(init).to(device).train(), r.stats.layers, r.stats,
+                    tau=settings["tau"], lam=settings["lam"])
     loss = cloner(*_on(device, X, y))
     row = r.history[0]
     assert row["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)

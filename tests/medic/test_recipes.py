@@ -44,7 +44,7 @@ def test_paper_recipe_is_the_released_one():
     assert paper == {"layers": None, "tau": 5.0, "lam": 10.0, "criterion": "abs",
                      "stats": "channel", "epochs": 60, "min_steps": 0, "lr": 0.01,
                      "batch_size": 64, "weight_decay": 1e-4, "augment": "crop+flip", "kd": 0.0,
-                     "kd_temperature": 4.0}
+                     "kd_temperature": 4.0, "cache": "auto"}
     assert recipes.recipe("paper", tau=2.0)["tau"] == 2.0
     assert recipes.recipe("default", tau=None)["tau"] == recipes.RECIPES["default"]["tau"]
     with pytest.raises(ValueError, match="recipe must be one of"):
@@ -103,10 +103,11 @@ def test_sanitize_step_budget(small):
 
 def test_sanitize_augment_and_kd_are_applied(small):
     """The recipe's augmentation reaches the loop (a different result than none), and kd adds a
-    logged term; augment=None turns the paper recipe's crops off."""
+    logged term; augment=None turns the paper recipe's crops off (it then equals the default
+    recipe at the paper's tau, with the epochs given)."""
     model, data = small
     kw = dict(epochs=2, progress=False)
-    plain = mf.sanitize(model, data, **kw)
+    plain = mf.sanitize(model, data, tau=recipes.RECIPES["paper"]["tau"], **kw)
     paper = mf.sanitize(model, data, recipe="paper", **kw)
     paper_none = mf.sanitize(model, data, recipe="paper", augment=None, **kw)
     assert plain.history[0]["loss"] == paper_none.history[0]["loss"]
@@ -115,6 +116,8 @@ def test_sanitize_augment_and_kd_are_applied(small):
     assert "kd" in kd.history[0] and "kd" not in plain.history[0]
     assert kd.history[0]["loss"] == pytest.approx(
         kd.history[0]["ce"] + 10 * kd.history[0]["clone"] + 0.5 * kd.history[0]["kd"], rel=1e-5)
+    default = mf.sanitize(model, data, **kw)
+    assert default.history[0]["clone"] != plain.history[0]["clone"]  # tau 20, not 5
 
 
 def test_distill_loss_against_float64():
