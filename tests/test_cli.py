@@ -410,8 +410,12 @@ def test_ctrl_c_during_sanitize_says_how_to_resume(tmp_path, monkeypatch, capsys
             "--out", "clone.pt", "--state", "state.pt", "--epochs", "300", "--batch-size", "16",
             "--backend", "reference", "--no-progress"]
     env = dict(os.environ, SLOWMOD_SLEEP="0.02", OMP_NUM_THREADS="1")
+    # A terminal's Ctrl-C reaches a process whose SIGINT is at its default. An earlier test in
+    # this pytest process may leave SIGINT ignored, which a child would inherit (and Python then
+    # installs no KeyboardInterrupt handler): give the child the default disposition.
     with subprocess.Popen([sys.executable, "-m", "medic_fast.cli", *args], cwd=tmp_path, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as p:
         try:
             deadline = time.monotonic() + 120
             while not (tmp_path / "state.pt").exists() and p.poll() is None \
