@@ -46,6 +46,17 @@ def _field(output, key: str):
     return getattr(output, key, None)
 
 
+def _logits(output, missing: str) -> Tensor:
+    """A model output's ``.logits``, or the output itself (a tuple's first element); else a
+    ``TypeError`` saying ``missing``."""
+    logits = _field(output, "logits")
+    if logits is None:
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(logits, Tensor):
+        raise TypeError(missing)
+    return logits
+
+
 def default_loss(output, batch) -> Tensor:
     """The CE of a model's output: its own ``.loss`` when it has one (a Hugging Face model given
     ``labels``: shifted for causal LMs, ``-100`` ignored), else ``cross_entropy`` of its
@@ -59,12 +70,8 @@ def default_loss(output, batch) -> Tensor:
     loss = _field(output, "loss")
     if isinstance(loss, Tensor):
         return loss
-    logits = _field(output, "logits")
-    if logits is None:
-        logits = output[0] if isinstance(output, (tuple, list)) else output
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"the model returned {type(output).__name__} with neither .loss nor "
-                        ".logits; pass loss_fn=(output, batch) -> CE")
+    logits = _logits(output, f"the model returned {type(output).__name__} with neither .loss "
+                     "nor .logits; pass loss_fn=(output, batch) -> CE")
     if not isinstance(batch, Mapping):
         return F.cross_entropy(logits, batch[1])
     labels = batch.get("labels")
@@ -77,22 +84,14 @@ def default_loss(output, batch) -> Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def _logits(output) -> Tensor:
-    logits = _field(output, "logits")
-    if logits is None:
-        logits = output[0] if isinstance(output, (tuple, list)) else output
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"kd needs the models' logits: the model returned "
-                        f"{type(output).__name__} with no .logits")
-    return logits
-
-
 def distill_loss(student_output, teacher_output, temperature: float, class_dim: int = 1
                  ) -> Tensor:
     """Knowledge distillation of the logits (Hinton et al. 2015):
     ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` over ``class_dim``, the mean over
     every other position (samples, tokens). The teacher's logits carry no gradient."""
-    s, t = _logits(student_output), _logits(teacher_output).detach()
+    missing = "kd needs the models' logits: the model returned {} with no .logits"
+    s = _logits(student_output, missing.format(type(student_output).__name__))
+    t = _logits(teacher_output, missing.format(type(teacher_output).__name__)).detach()
     log_s = F.log_softmax(s.float() / temperature, class_dim)
     log_t = F.log_softmax(t.float() / temperature, class_dim)
     kl = (log_t.exp() * (log_t - log_s)).sum(class_dim)
