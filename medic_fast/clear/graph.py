@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["split", "default_cut", "is_affine", "linear_modules"]
+__all__ = ["split", "features", "default_cut", "is_affine", "linear_modules"]
 
 
 class _LeafTracer(fx.Tracer):
@@ -94,6 +94,30 @@ def split(model: nn.Module, cut: str) -> fx.GraphModule:
             env[n] = head.node_copy(n, lambda a: env[a])
     head.lint()
     return fx.GraphModule(model, head, class_name="ClearHead")
+
+
+def features(model: nn.Module, cut: str) -> fx.GraphModule:
+    """The part of ``model`` before ``cut``: a ``GraphModule`` from the model's input to the cut
+    module's input (the feature space; the same submodule objects, not copies). With
+    :func:`split`'s head, ``head(features(model, cut)(x))`` is ``model(x)``."""
+    split(model, cut)  # the same checks: a module that runs once, on one input, not bypassed
+    graph = _trace(model, cut)
+    phi = next(n for n in graph.nodes
+               if n.op == "call_module" and n.target == cut).all_input_nodes[0]
+    needed, stack = set(), [phi]
+    while stack:
+        n = stack.pop()
+        if n not in needed:
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+    body = fx.Graph()
+    env = {}
+    for n in graph.nodes:
+        if n in needed or n.op == "placeholder":
+            env[n] = body.node_copy(n, lambda a: env[a])
+    body.output(env[phi])
+    body.lint()
+    return fx.GraphModule(model, body, class_name="ClearFeatures")
 
 
 def _leaf_calls(model: nn.Module) -> List[Tuple[str, nn.Module]]:
