@@ -322,7 +322,8 @@ def _check_plot(flag: str, path: Optional[str]) -> Optional[str]:
 
 def _scan_options(args) -> dict:
     """The scan settings given on the command line (the others keep scan()'s defaults)."""
-    given = {"k": args.k, "restarts": args.restarts, "cut": args.cut}
+    given = {"k": args.k, "restarts": args.restarts, "cut": args.cut,
+             "threshold": args.threshold}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -339,7 +340,7 @@ def _cmd_scan(args) -> int:
     why = why or _check_backend(args.backend, "pocket_search", "cpu")
     if why:
         return _fail(why)
-    report = scan(_load_model(args), _call(args.data, "--data"), threshold=args.threshold,
+    report = scan(_load_model(args), _call(args.data, "--data"), method=args.method,
                   seed=args.seed, backend=args.backend, progress=not args.no_progress,
                   threads=args.threads, **_scan_options(args))
     if args.json is None:
@@ -583,12 +584,16 @@ def _parser() -> argparse.ArgumentParser:
                        "with --json. Never overwrites a file.")
     model_args(c)
     scan_defaults = _scan_defaults()
-    c.add_argument("--threshold", type=float, default=0.5, help="flag a class pair whose "
-                   "pocket-finding rate exceeds this")
-    c.add_argument("--k", type=_at_least(2), default=None, help="anchors (clean samples) per "
-                   f"search; default scan()'s: {scan_defaults.get('k', '?')}")
-    c.add_argument("--restarts", type=_at_least(1), default=None, help="searches per class "
-                   "pair (P's resolution is 1/restarts); default scan()'s: "
+    c.add_argument("--method", choices=("hull", "paper"), default="hull", help="hull: search "
+                   "the local hulls of every correctly classified sample's neighbourhood, score "
+                   "a class pair by the depth of its deepest pocket (the default); paper: the "
+                   "paper's Algorithm 1, score = the fraction of restarts that found a pocket")
+    c.add_argument("--threshold", type=float, default=None, help="flag a class pair whose score "
+                   "exceeds this; default 8.0 (depth) for hull, 0.5 (rate) for paper")
+    c.add_argument("--k", type=_at_least(2), default=None, help="samples per neighbourhood "
+                   "(hull, default 8) or anchors per search (paper, default 5)")
+    c.add_argument("--restarts", type=_at_least(1), default=None, help="paper: searches per "
+                   "class pair (P's resolution is 1/restarts); default scan()'s: "
                    f"{scan_defaults.get('restarts', '?')}")
     c.add_argument("--cut", default=None, metavar="MODULE", help="name of the module whose "
                    "input is the feature space searched; default the input of the "
@@ -598,8 +603,8 @@ def _parser() -> argparse.ArgumentParser:
                    "every core this process may use")
     c.add_argument("--json", default=None, metavar="OUT.json", help="write the report there "
                    "as indented JSON (must not exist) instead of printing it")
-    c.add_argument("--plot", default=None, metavar="OUT.png", help="draw the pocket-finding "
-                   "rate of every class pair as a heatmap (must not exist; the type from the "
+    c.add_argument("--plot", default=None, metavar="OUT.png", help="draw the score "
+                   "of every class pair as a heatmap (must not exist; the type from the "
                    "extension: .png, .pdf, .svg...); needs matplotlib: pip install "
                    "\"medic_fast[plot]\"")
     _backend_arg(c, "pocket_search", "the pocket search")

@@ -116,7 +116,7 @@ def test_scan_names_the_first_non_finite_sample():
 
 def test_patch_names_the_first_non_finite_sample_it_uses():
     model, (X, y) = _mlp_and_data()
-    report = medic_fast.scan(model, (X, y), restarts=1, steps=1)
+    report = medic_fast.scan(model, (X, y), method="paper", restarts=1, steps=1)
     X[41, 0] = float("nan")
     with pytest.raises(ValueError, match=r"data: sample 41 has NaN or infinite values"):
         medic_fast.patch(model, report, (X, y), epochs=1)
@@ -181,7 +181,7 @@ def test_sanitize_and_scan_work_without_a_compiler(tmp_path):
     models.DigitsCNN((4, 8, 8)).load_state_dict(torch.load(tmp_path / "clone.pt",
                                                            weights_only=True))
     r = subprocess.run(cmd + ["scan", "--model", "usermod:mlp", "--weights", "mlp.pt",
-                              "--data", "usermod:blobs"],
+                              "--data", "usermod:blobs", "--method", "paper"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)

@@ -1,4 +1,4 @@
-"""Figures of CLEAR's results: :func:`heatmap` (the pocket-finding rates P of a
+"""Figures of CLEAR's results: :func:`heatmap` (the class-pair scores P of a
 :class:`~medic_fast.clear.detect.ScanReport` over class pairs; :meth:`ScanReport.plot` calls it)
 and :func:`decision_regions` (a model on 2-D inputs, such as the Swiss roll task, with the
 pockets a scan found mapped back to input space by :func:`pocket_inputs`).
@@ -104,17 +104,21 @@ def heatmap(report: "ScanReport", path=None, *, ax=None):
     side = min(3.5 + 0.45 * C, 14.0)
     fig, ax = _axes(ax, (side + 1.5, side))
     cmap = colormaps["viridis"].with_extremes(bad="0.85")
-    image = ax.imshow(np.ma.masked_invalid(P), cmap=cmap, vmin=0.0, vmax=1.0,
+    rate = report.settings.get("method", "paper") == "paper"
+    top = 1.0 if rate else max(2 * report.threshold, float(np.nan_to_num(P).max()))
+    image = ax.imshow(np.ma.masked_invalid(P), cmap=cmap, vmin=0.0, vmax=top,
                       interpolation="nearest", origin="upper")
     bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    bar.set_label("P: fraction of restarts that found a pocket")
+    bar.set_label("P: fraction of restarts that found a pocket" if rate else
+                  "P: depth of the deepest pocket found (0: none)")
     bar.ax.axhline(report.threshold, color="red", linewidth=2)  # the threshold on the bar
     if C <= 12:  # room for the values in the cells
         for i in range(C):
             for j in range(C):
                 if not math.isnan(P[i, j]):
                     ax.text(j, i, f"{P[i, j]:.2f}", ha="center", va="center",
-                            fontsize="x-small", color="black" if P[i, j] > 0.6 else "white")
+                            fontsize="x-small",
+                            color="black" if P[i, j] > 0.6 * top else "white")
     for ls, lt, _ in report.pairs:
         ax.add_patch(Rectangle((lt - 0.5, ls - 0.5), 1, 1, fill=False, edgecolor="red",
                                linewidth=2.5))

@@ -87,6 +87,11 @@ CENTRE = (5.0, 5.0)
 SCAN_SEEDS = [0, 1, 2]  # fixed; every seed must pass
 
 
+def _paper_scan(*args, **kwargs):
+    """``scan`` with the paper's Algorithm 1 (these tests check its settings and P's meaning)."""
+    return medic_fast.scan(*args, method="paper", **kwargs)
+
+
 def _planted_data():
     a = torch.arange(100) * (2 * math.pi / 100)
     ring = torch.stack([CENTRE[0] + 1.5 * a.cos(), CENTRE[1] + 1.5 * a.sin()], 1)
@@ -167,7 +172,7 @@ def test_scan_finds_a_planted_pocket_and_nothing_in_its_control(seed):
     assert _class_of(model, CENTRE) == 1 and _class_of(control, CENTRE) == 0
     state = {k: v.clone() for k, v in model.state_dict().items()}
     mode = [m.training for m in model.modules()]
-    report = medic_fast.scan(model, data, seed=seed)
+    report = _paper_scan(model, data, seed=seed)
     assert report.cut == "2"  # the default cut: phi
     assert report.flagged and report.target == 1
     assert (0, 1) in [(s, t) for s, t, _ in report.pairs]
@@ -180,7 +185,7 @@ def test_scan_finds_a_planted_pocket_and_nothing_in_its_control(seed):
         assert torch.equal(v, state[k])
     assert [m.training for m in model.modules()] == mode
 
-    clean = medic_fast.scan(control, data, seed=seed)
+    clean = _paper_scan(control, data, seed=seed)
     assert not clean.flagged and clean.n_found == 0 and clean.pairs == []
     assert (clean.P.nan_to_num(0) == 0).all()
 
@@ -197,7 +202,7 @@ def digits():
 def test_report_contents_and_json(digits):
     poisoned, _ = digits
     X, y = poisoned.val
-    r = medic_fast.scan(poisoned.model, (X, y), restarts=3, steps=20)
+    r = _paper_scan(poisoned.model, (X, y), restarts=3, steps=20)
     C = 10
     assert r.P.shape == (C, C) and torch.isnan(r.P.diagonal()).all()
     assert r.n_searches == C * (C - 1) * 3 and r.cut == "layers.2"
@@ -212,7 +217,7 @@ def test_scan_skips_classes_without_k_correct_samples(digits):
     poisoned, _ = digits
     X, y = poisoned.val
     keep = torch.cat([(y != 3).nonzero().squeeze(1), (y == 3).nonzero().squeeze(1)[:2]])
-    r = medic_fast.scan(poisoned.model, (X[keep], y[keep]), restarts=2, steps=5)
+    r = _paper_scan(poisoned.model, (X[keep], y[keep]), restarts=2, steps=5)
     assert set(r.skipped) == {3} and r.skipped[3] <= 2
     assert torch.isnan(r.P[3]).all() and not torch.isnan(r.P[4, 3])
     assert r.n_searches == 9 * 9 * 2
@@ -223,9 +228,9 @@ def test_scan_accepts_datasets_and_loaders(digits):
     poisoned, _ = digits
     ds = TensorDataset(*poisoned.val)
     kw = dict(restarts=2, steps=10)
-    a = medic_fast.scan(poisoned.model, poisoned.val, **kw)
-    b = medic_fast.scan(poisoned.model, ds, **kw)
-    c = medic_fast.scan(poisoned.model, DataLoader(ds, batch_size=37), **kw)
+    a = _paper_scan(poisoned.model, poisoned.val, **kw)
+    b = _paper_scan(poisoned.model, ds, **kw)
+    c = _paper_scan(poisoned.model, DataLoader(ds, batch_size=37), **kw)
     assert torch.equal(a.P.nan_to_num(-1), b.P.nan_to_num(-1))
     assert torch.equal(a.P.nan_to_num(-1), c.P.nan_to_num(-1))
 
@@ -234,26 +239,26 @@ def test_scan_errors(digits):
     poisoned, _ = digits
     model, val = poisoned.model, poisoned.val
     with pytest.raises(ValueError, match="purely linear"):
-        medic_fast.scan(model, val, cut="layers.4")
+        _paper_scan(model, val, cut="layers.4")
     with pytest.raises(ValueError, match="not a module"):
-        medic_fast.scan(model, val, cut="fc9")
+        _paper_scan(model, val, cut="fc9")
     with pytest.raises(ValueError, match=r"logits \[N, classes\]"):
-        medic_fast.scan(nn.Sequential(model, nn.Flatten(0)), val, cut="0.layers.2")
+        _paper_scan(nn.Sequential(model, nn.Flatten(0)), val, cut="0.layers.2")
     with pytest.raises(TypeError, match="data"):
-        medic_fast.scan(model, [1, 2, 3])
+        _paper_scan(model, [1, 2, 3])
     with pytest.raises(ValueError, match="k="):
-        medic_fast.scan(model, val, n=3, k=5)
+        _paper_scan(model, val, n=3, k=5)
     with pytest.raises(ValueError, match="threshold"):
-        medic_fast.scan(model, val, threshold=1.5)
+        _paper_scan(model, val, threshold=1.5)
     with pytest.raises(TypeError, match="model"):
-        medic_fast.scan("model", val)
+        _paper_scan("model", val)
 
 
 def test_patch_removes_a_planted_pocket_and_leaves_the_input_model():
     data = _planted_data()
     model = _pocket_in_unit()
     assert _accuracy(model, data) == 1.0 and _class_of(model, CENTRE) == 1
-    report = medic_fast.scan(model, data, cut="2")
+    report = _paper_scan(model, data, cut="2")
     assert report.flagged and report.target == 1 and report.n_found > 0
     assert (report.pocket_sources == 0).all() and _in_pocket(report.pocket_samples, 5 / 21)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -281,7 +286,7 @@ def test_patch_errors(digits):
     poisoned, _ = digits
     with pytest.raises(TypeError, match="report"):
         medic_fast.patch(poisoned.model, {"P": None}, poisoned.val)
-    report = medic_fast.scan(poisoned.model, poisoned.val, restarts=1, steps=1)
+    report = _paper_scan(poisoned.model, poisoned.val, restarts=1, steps=1)
     with pytest.raises(ValueError, match="epochs"):
         medic_fast.patch(poisoned.model, report, poisoned.val, epochs=0)
 
@@ -293,9 +298,9 @@ def test_patch_errors(digits):
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_extension)])
 def test_scan_is_quiet_by_default_and_shows_progress_on_request(backend, capsys):
     data, model = _planted_data(), _pocket_in_logit(True)
-    quiet = medic_fast.scan(model, data, backend=backend)
+    quiet = _paper_scan(model, data, backend=backend)
     assert capsys.readouterr() == ("", "")
-    shown = medic_fast.scan(model, data, backend=backend, progress=True)
+    shown = _paper_scan(model, data, backend=backend, progress=True)
     out, err = capsys.readouterr()
     assert out == "" and shown.backend == backend
     assert "scan: features" in err and "1/1" in err  # 200 samples: one batch

@@ -32,7 +32,8 @@ def swiss():
 
     with torch_threads(1):  # module fixtures are set up before the autouse one above
         task = swiss_roll_task(seed=0)
-        report = medic_fast.scan(task.model, task.val, restarts=2, steps=200, threads=1)
+        report = medic_fast.scan(task.model, task.val, method="paper", restarts=2, steps=200,
+                                 threads=1)
     return task, report
 
 
@@ -169,8 +170,8 @@ def _hide_matplotlib(monkeypatch):
 def test_without_matplotlib_the_error_names_the_extra(monkeypatch, tmp_path):
     X = torch.randn(20, 2)
     model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-    report = medic_fast.scan(model, (X, model(X).argmax(1).detach()), k=2, n=2, restarts=1,
-                             steps=1, backend="reference", threads=1)
+    report = medic_fast.scan(model, (X, model(X).argmax(1).detach()), method="paper", k=2, n=2,
+                             restarts=1, steps=1, backend="reference", threads=1)
     _hide_matplotlib(monkeypatch)
     for draw in (lambda: report.plot(tmp_path / "p.png"),
                  lambda: plots.decision_regions(model, X, torch.zeros(20), tmp_path / "p.png")):

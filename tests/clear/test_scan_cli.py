@@ -59,8 +59,8 @@ def _error(capsys) -> str:
 def test_scan_writes_json_and_plot_and_shows_progress(user_files, tmp_path, monkeypatch,
                                                       capsys):
     pytest.importorskip("matplotlib")
-    args = user_files + ["--k", "3", "--restarts", "2", "--cut", "layers.2", "--json", "r.json",
-                         "--plot", "p.png"]
+    args = user_files + ["--method", "paper", "--k", "3", "--restarts", "2", "--cut", "layers.2",
+                         "--json", "r.json", "--plot", "p.png"]
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert "scan: features" in err  # progress is on by default: the bar, then the search's size
@@ -89,7 +89,8 @@ def test_scan_writes_json_and_plot_and_shows_progress(user_files, tmp_path, monk
 
 def test_without_json_the_report_goes_to_stdout(user_files, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    assert cli.main(user_files + ["--restarts", "1", "--no-progress", "--plot", "p.svg"]) == 0
+    assert cli.main(user_files + ["--method", "paper", "--restarts", "1", "--no-progress",
+                                  "--plot", "p.svg"]) == 0
     out, err = capsys.readouterr()
     report = json.loads(out)  # stdout holds the JSON alone
     assert report["settings"]["restarts"] == 1 and report["settings"]["k"] == 5  # scan's default
@@ -104,12 +105,15 @@ def test_options_reach_scan(user_files, monkeypatch, capsys):
         seen.append(kwargs)
         return "report"
     monkeypatch.setattr(medic_fast, "scan", scan)
-    assert cli.main(user_files + ["--k", "4", "--restarts", "3", "--cut", "layers.0"]) == 0
+    assert cli.main(user_files + ["--k", "4", "--restarts", "3", "--cut", "layers.0",
+                                  "--method", "paper", "--threshold", "0.3"]) == 0
     assert cli.main(user_files[:-2] + ["--no-progress"]) == 0
     given, plain = seen
     assert (given["k"], given["restarts"], given["cut"]) == (4, 3, "layers.0")
+    assert (given["method"], given["threshold"]) == ("paper", 0.3)
     assert given["threads"] == 1 and given["progress"] is True
-    assert not {"k", "restarts", "cut"} & set(plain)  # scan()'s own defaults
+    assert not {"k", "restarts", "cut", "threshold"} & set(plain)  # scan()'s own defaults
+    assert plain["method"] == "hull"
     assert plain["threads"] is None and plain["progress"] is False
     capsys.readouterr()
     with pytest.raises(SystemExit):
@@ -145,5 +149,6 @@ def test_scan_help_says_what_clear_detects(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "Detects sample-targeted backdoors (one attacked sample sent to a target class), not " \
         "trigger backdoors such as BadNets: for those use MEDIC (medic-fast sanitize)" in text
-    for flag in ("--k", "--restarts", "--cut", "--threads", "--json", "--plot", "--no-progress"):
+    for flag in ("--method", "--k", "--restarts", "--cut", "--threads", "--json", "--plot",
+                 "--no-progress"):
         assert flag in text
