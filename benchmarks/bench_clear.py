@@ -1,85 +1,139 @@
-"""CLEAR end to end on the paper's demonstrations: for each seed, a label-flip poisoned model and a
-clean one on the Swiss roll (5-layer fully connected network) and on scikit-learn's digits;
-``scan`` with its defaults, then ``patch`` on the poisoned model.
+"""CLEAR under the paper's protocol (§5, Tables 1 and 3): for each task x attack x {transfer,
+end-to-end} (``medic_fast.zoo.tasks``), one attacked model per seed, with a random attacked sample
+and a random target class; and one clean model per seed of each task x form. ``scan`` with both
+methods (``"hull"``, the default, and ``"paper"``), then ``patch`` (with the default's report)
+against the paper's control, the same fine-tuning on the clean samples alone.
 
-    python benchmarks/bench_clear.py               # seeds 0-9 (the defaults were tuned on 100-105)
-    python benchmarks/bench_clear.py --seeds 3 --csv clear.csv --json clear.json  # also the rows
+    python benchmarks/bench_clear.py                       # seeds 0-9 (settings tuned on 100-105)
+    python benchmarks/bench_clear.py --seeds 2 --tasks swiss_roll --json out.json --csv out.csv
+    python benchmarks/bench_clear.py --workers 2           # (task, form) units in 2 processes
 
-Reports, per task: how often the attack worked (the target sample is classified as the target
-class), detection at the right target among those, false positives among the clean models, the
-target sample's class after patch (and, as a control, after the same fine-tuning on the clean
-samples alone), test accuracy before and after patch, and scan time.
+Per task x form x attack: how often the attack takes (the sample goes to the target and test
+accuracy drops by less than 5 points), detection at the right target among those for each method,
+false alarms among the clean models, the attacked sample's ASR (still sent to the target) and test
+accuracy after ``patch`` and after clean-only fine-tuning, and median scan time per model.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing as mp
 import statistics
 
 import torch
 
 import medic_fast
-from medic_fast.zoo.tasks import digits_task, swiss_roll_task
-from medic_fast.clear.detect import DEFAULTS
+from medic_fast.zoo.tasks import ATTACKS, FORMS, TASKS, make_task
 
 from _harness import add_output_options, write_rows
+
+METHODS = ("hull", "paper")
+
+
+def _scans(task):
+    """Both methods' reports on the task's model."""
+    return {m: medic_fast.scan(task.model, task.val, method=m, threads=1) for m in METHODS}
+
+
+def _unit(job):
+    """Every seed of one (task, form): the clean models, then each attack's."""
+    name, form, seeds = job
+    torch.set_num_threads(1)
+    out = []
+    for seed in seeds:
+        clean = make_task(name, form=form, seed=seed, poisoned=False)
+        r = _scans(clean)
+        out.append(dict(task=name, form=form, attack="clean", seed=seed, took=False,
+                        **{f"{m}_flagged": r[m].flagged for m in METHODS},
+                        **{f"{m}_max": float(r[m].P.nan_to_num(0).max()) for m in METHODS},
+                        **{f"{m}_seconds": r[m].timing["total"] for m in METHODS}))
+        print(f"{name}/{form}/clean seed {seed}: flagged "
+              + ", ".join(f"{m} {r[m].flagged}" for m in METHODS), flush=True)
+    for attack in ATTACKS:
+        for seed in seeds:
+            t = make_task(name, attack, form, seed=seed)
+            r = _scans(t)
+            patched = medic_fast.patch(t.model, r["hull"], t.val)
+            none = dataclasses.replace(r["hull"], pocket_samples=r["hull"].pocket_samples[:0],
+                                       pocket_sources=r["hull"].pocket_sources[:0],
+                                       pocket_targets=r["hull"].pocket_targets[:0])
+            control = medic_fast.patch(t.model, none, t.val)
+            row = dict(task=name, form=form, attack=attack, seed=seed, took=t.took,
+                       source=t.source, target=t.target,
+                       acc=t.accuracy(), acc_clean_model=t.clean_accuracy,
+                       acc_patch=t.accuracy(patched), acc_control=t.accuracy(control),
+                       asr_patch=t.target_class(patched) == t.target,
+                       asr_control=t.target_class(control) == t.target,
+                       **{f"{m}_detected": r[m].flagged and r[m].target == t.target
+                          for m in METHODS},
+                       **{f"{m}_flagged": r[m].flagged for m in METHODS},
+                       **{f"{m}_pair": float(r[m].P[t.source, t.target]) for m in METHODS},
+                       **{f"{m}_seconds": r[m].timing["total"] for m in METHODS})
+            out.append(row)
+            print(f"{name}/{form}/{attack} seed {seed}: took {t.took}, " + ", ".join(
+                f"{m} P[s,t]={row[f'{m}_pair']:.2f} detected {row[f'{m}_detected']}"
+                for m in METHODS) + f"; ASR patch {row['asr_patch']} control "
+                f"{row['asr_control']}", flush=True)
+    return out
+
+
+def _frac(rows, key):
+    return f"{sum(bool(r[key]) for r in rows)}/{len(rows)}"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=10)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
+    p.add_argument("--workers", type=int, default=1, help="processes, one thread each")
     add_output_options(p)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"scan defaults: {DEFAULTS}, lr_scale=1e-3, n=50, k=5, restarts=10, threshold=0.5; "
-          f"{args.seeds} seeds, {torch.get_num_threads()} thread(s)\n")
-    rows = []
-    for name, make in (("Swiss roll", swiss_roll_task), ("digits", digits_task)):
-        hits = attacks = fp = fixed = fixed_clean_only = 0
-        acc_before, acc_after, times = [], [], []
-        for seed in range(args.seeds):
-            poisoned, clean = make(seed, poisoned=True), make(seed, poisoned=False)
-            report = medic_fast.scan(poisoned.model, poisoned.val)
-            clean_report = medic_fast.scan(clean.model, clean.val)
-            times += [report.timing["total"], clean_report.timing["total"]]
-            worked = poisoned.target_class() == poisoned.target
-            attacks += worked
-            hit = worked and report.flagged and report.target == poisoned.target
-            hits += hit
-            fp += clean_report.flagged
-            patched = medic_fast.patch(poisoned.model, report, poisoned.val)
-            after = poisoned.target_class(patched)
-            fixed += worked and after == poisoned.source
-            # control: the same fine-tuning on the clean samples alone (the paper's baseline)
-            none = dataclasses.replace(report, pocket_samples=report.pocket_samples[:0],
-                                       pocket_sources=report.pocket_sources[:0])
-            control = medic_fast.patch(poisoned.model, none, poisoned.val)
-            fixed_clean_only += worked and poisoned.target_class(control) == poisoned.source
-            acc_before.append(poisoned.accuracy())
-            acc_after.append(poisoned.accuracy(patched))
-            print(f"{name} seed {seed}: attack {'ok' if worked else 'failed'} "
-                  f"({poisoned.source}->{poisoned.target}), P[s,t]="
-                  f"{float(report.P[poisoned.source, poisoned.target]):.1f}, flagged "
-                  f"{report.flagged} at {report.target}; clean flagged {clean_report.flagged} "
-                  f"(max P {float(clean_report.P.nan_to_num(0).max()):.1f}); after patch the "
-                  f"target sample is class {after}", flush=True)
-        rows.append(dict(task=name, seeds=args.seeds, attack_worked=attacks, detected=hits,
-                         clean_flagged=fp, fixed=fixed, fixed_clean_only=fixed_clean_only,
-                         acc_before=statistics.mean(acc_before),
-                         acc_after=statistics.mean(acc_after),
-                         scan_seconds=statistics.median(times)))
-    n = args.seeds
-    print("\n| task | attack worked | detected at the target | clean flagged (FP) | "
-          "target fixed by patch | ... by clean-only fine-tuning | test acc before -> after "
-          "patch | scan time (median) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        worked = r["attack_worked"]
-        print(f"| {r['task']} | {worked}/{n} | {r['detected']}/{worked} | {r['clean_flagged']}/{n} "
-              f"| {r['fixed']}/{worked} | {r['fixed_clean_only']}/{worked} | "
-              f"{r['acc_before']:.3f} -> {r['acc_after']:.3f} | {r['scan_seconds']:.2f} s |")
-    write_rows(rows, "bench_clear", json_path=args.json, csv_path=args.csv)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    jobs = [(t, f, seeds) for t in args.tasks for f in args.forms]
+    if args.workers > 1:
+        with mp.get_context("spawn").Pool(args.workers) as pool:
+            units = pool.map(_unit, jobs, chunksize=1)
+    else:
+        units = [_unit(j) for j in jobs]
+    rows = [r for u in units for r in u]
+    print("\n| task | form | attack | took | hull: detected | hull: false alarms | paper: "
+          "detected | paper: false alarms | ASR after patch | ... clean-only | ACC before -> "
+          "patch / clean-only | scan s (hull, paper) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    summary = []
+    for name in args.tasks:
+        for form in args.forms:
+            clean = [r for r in rows if (r["task"], r["form"], r["attack"]) == (name, form,
+                                                                               "clean")]
+            for attack in ATTACKS:
+                mine = [r for r in rows if (r["task"], r["form"], r["attack"]) == (name, form,
+                                                                                  attack)]
+                took = [r for r in mine if r["took"]]
+                secs = {m: statistics.median(r[f"{m}_seconds"] for r in mine + clean)
+                        for m in METHODS}
+                acc = (lambda key: statistics.mean(r[key] for r in took) if took else
+                       float("nan"))
+                s = dict(task=name, form=form, attack=attack, seeds=len(mine), took=len(took),
+                         **{f"{m}_detected": sum(r[f"{m}_detected"] for r in took)
+                            for m in METHODS},
+                         **{f"{m}_false_alarms": sum(r[f"{m}_flagged"] for r in clean)
+                            for m in METHODS},
+                         clean_models=len(clean),
+                         asr_patch=sum(r["asr_patch"] for r in took),
+                         asr_control=sum(r["asr_control"] for r in took),
+                         acc=acc("acc"), acc_patch=acc("acc_patch"),
+                         acc_control=acc("acc_control"),
+                         **{f"{m}_seconds": secs[m] for m in METHODS})
+                summary.append(s)
+                print(f"| {name} | {form} | {attack} | {len(took)}/{len(mine)} | "
+                      f"{_frac(took, 'hull_detected')} | {_frac(clean, 'hull_flagged')} | "
+                      f"{_frac(took, 'paper_detected')} | {_frac(clean, 'paper_flagged')} | "
+                      f"{_frac(took, 'asr_patch')} | {_frac(took, 'asr_control')} | "
+                      f"{s['acc']:.3f} -> {s['acc_patch']:.3f} / {s['acc_control']:.3f} | "
+                      f"{secs['hull']:.2f}, {secs['paper']:.2f} |", flush=True)
+    write_rows(summary + rows, "bench_clear", json_path=args.json, csv_path=args.csv)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,11 @@ def patch(model: nn.Module, report: ScanReport, data, *, epochs: int = 5, lr: fl
     with torch.enable_grad():
         fit(layer, loader, objective, epochs=epochs, lr=lr, schedule="constant", seed=seed,
             device=device)
+    bad = [n for n, v in layer.named_parameters() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"patch: fine-tuning {last_name!r} gave non-finite {', '.join(bad)} "
+                         f"(lr={lr} may be too large for this model); the model is unchanged, "
+                         "try a smaller lr")
     with torch.no_grad():
         last.weight.copy_(layer.weight)
         if last.bias is not None:
