@@ -113,8 +113,9 @@ def main():
                 took = [r for r in mine if r["took"]]
                 secs = {m: statistics.median(r[f"{m}_seconds"] for r in mine + clean)
                         for m in METHODS}
-                acc = (lambda key: statistics.mean(r[key] for r in took) if took else
-                       float("nan"))
+
+                def acc(key):
+                    return statistics.mean(r[key] for r in took) if took else float("nan")
                 s = dict(task=name, form=form, attack=attack, seeds=len(mine), took=len(took),
                          **{f"{m}_detected": sum(r[f"{m}_detected"] for r in took)
                             for m in METHODS},

@@ -589,16 +589,16 @@ def _parser() -> argparse.ArgumentParser:
                    "a class pair by the depth of its deepest pocket (the default); paper: the "
                    "paper's Algorithm 1, score = the fraction of restarts that found a pocket")
     c.add_argument("--threshold", type=float, default=None, help="flag a class pair whose score "
-                   "exceeds this; default 8.0 (depth) for hull, 0.5 (rate) for paper")
+                   "exceeds this; default 10.0 (depth) for hull, 0.5 (rate) for paper")
     c.add_argument("--k", type=_at_least(2), default=None, help="samples per neighbourhood "
                    "(hull, default 8) or anchors per search (paper, default 5)")
     c.add_argument("--restarts", type=_at_least(1), default=None, help="paper: searches per "
                    "class pair (P's resolution is 1/restarts); default scan()'s: "
                    f"{scan_defaults.get('restarts', '?')}")
     c.add_argument("--cut", default=None, metavar="MODULE", help="name of the module whose "
-                   "input is the feature space searched; default the input of the "
-                   "second-to-last Linear layer, or of the last convolution or residual block "
-                   "(docs/DESIGN.md section 2)")
+                   "input is the space searched; default: the model's input (hull), or the "
+                   "input of the second-to-last Linear layer, or of the last convolution or "
+                   "residual block (paper; docs/DESIGN.md section 2)")
     c.add_argument("--threads", type=_at_least(1), default=None, help="torch threads; default "
                    "every core this process may use")
     c.add_argument("--json", default=None, metavar="OUT.json", help="write the report there "

@@ -24,14 +24,14 @@ from medic_fast.data import labelled_batches, make_loader
 from medic_fast.ops.pocket_search import pocket_search
 from medic_fast.stats import nonfinite_error
 
-__all__ = ["scan", "ScanReport", "DEFAULTS", "HULL", "METHODS", "BOX_SLACK"]
+__all__ = ["scan", "calibrate", "ScanReport", "DEFAULTS", "HULL", "METHODS", "BOX_SLACK"]
 
-# method="paper": alpha: weight of the compactness term; steps: SGD steps per search; margin: how far the winning
-# logit must lead for a test to pass. Chosen on the demo tasks with seeds 100-105 (evaluated on
-# seeds 0-9 in benchmarks/bench_clear.py; benchmarks/RESULTS.md §4 has the figures): a large
-# alpha keeps hulls tight, which is what tells a planted pocket from the wiggles of a clean
-# boundary; a margin keeps ties and near-ties out; at lr_scale = 1e-3 it takes a few hundred
-# steps for the centroid to travel from the confident anchors to a pocket.
+# method="paper": alpha: weight of the compactness term; steps: SGD steps per search; margin: how
+# far the winning logit must lead for a test to pass. Chosen on the earlier demo tasks with seeds
+# 100-105 (benchmarks/RESULTS.md §4 has the figures): a large alpha keeps hulls tight, which is
+# what tells a planted pocket from the wiggles of a clean boundary; a margin keeps ties and
+# near-ties out; at lr_scale = 1e-3 it takes a few hundred steps for the centroid to travel from
+# the confident anchors to a pocket.
 DEFAULTS = dict(alpha=3.0, steps=600, margin=0.25)
 # A search is abandoned when its centroid leaves the clean features' range [lo, hi] widened by
 # BOX_SLACK * (hi - lo) on each side. Without the slack (DESIGN.md §2 read literally), features
@@ -139,11 +139,13 @@ def _features(model: nn.Module, cut: str, data,
 METHODS = ("hull", "paper")
 # method="hull" (the default; medic_fast/clear/hull.py): k nearest same-class samples per
 # neighbourhood, Adam steps, reach (offset bound over the neighbourhood's mean radius), and the
-# depth a found point must exceed to count as a pocket. Chosen on seeds 100-105 of the Swiss-roll
-# and digits label-flip tasks (benchmarks/RESULTS.md §4 has every setting tried): with reach 0 no
-# search reached an attacked sample's pocket on digits and few on the roll; reach 0.5 reaches
-# most on the roll; depth 8 is 1.2x the deepest point any clean model of those seeds gave (6.8).
-HULL = dict(k=8, steps=100, reach=0.5, threshold=8.0)
+# depth a found point must exceed to count as a pocket. Its default cut is the model's input
+# (graph.input_cut): feature spaces wider than the data's manifold let the search leave it.
+# Chosen on seeds 100-105 of the tasks (benchmarks/RESULTS.md §4 has every setting tried): at the
+# paper's cut, reach 0.5 found the roll's transfer pockets (depth 16-196, clean models at most
+# 6.8) but not its end-to-end ones (0-15); at the input, every attack that took on the roll gave
+# depth 8.7-350 and clean models at most 8.8, so the threshold is 10.
+HULL = dict(k=8, steps=100, reach=0.5, threshold=10.0)
 
 
 def scan(model: nn.Module, data, *, method: str = "hull", cut: Optional[str] = None,
@@ -158,12 +160,14 @@ def scan(model: nn.Module, data, *, method: str = "hull", cut: Optional[str] = N
     method: ``"hull"`` (default, :mod:`medic_fast.clear.hull`): every correctly classified sample's
     neighbourhood of ``k`` (default 8) same-class samples, against every other class, searched
     for a point of its hull (widened by ``reach``) classified as that class; ``P[ls, lt]`` is the
-    depth of the deepest one found (0: none), and a pair with ``P > threshold`` (default 8.0)
-    flags the model. ``"paper"``: Algorithm 1 (DESIGN.md §2): ``restarts`` searches per pair from
+    depth of the deepest one found (0: none), and a pair with ``P > threshold`` (default 10.0)
+    flags the model. Its default cut is the model's input. ``"paper"``: Algorithm 1 (DESIGN.md
+    §2): ``restarts`` searches per pair from
     ``k`` (default 5) of the ``n`` most confident samples, SGD with the extension, ``alpha``,
     ``margin``, ``lr = lr_scale * (max - min of the clean features)``; ``P`` is the fraction of
     restarts that found a pocket, ``threshold`` default 0.5.
-    cut: name of the module whose input is the feature space (default: DESIGN.md §2).
+    cut: name of the module whose input is the space searched (default: the model's input for
+    "hull", DESIGN.md §2's cut for "paper").
     steps: search steps (default 100 for "hull", 600 for "paper").
     progress: show on stderr the feature pass (a bar over batches), then the search.
     threads: torch threads while it runs (restored after); default every core this process may
@@ -179,6 +183,26 @@ def scan(model: nn.Module, data, *, method: str = "hull", cut: Optional[str] = N
         return _scan(model, data, method=method, cut=cut, n=n, k=k, restarts=restarts,
                      alpha=alpha, steps=steps, lr_scale=lr_scale, margin=margin, reach=reach,
                      threshold=threshold, seed=seed, backend=backend, progress=progress)
+
+
+def calibrate(models, data, *, method: str = "hull", factor: float = 1.1, **kwargs) -> float:
+    """A ``threshold`` for :func:`scan` from clean ``models`` of the task (trained as the model to
+    scan was, on clean data): ``factor`` times the largest pair statistic any of them gives on
+    ``data`` (each model's own clean data: a list, one per model, or one for all), the way the
+    default was set. ``kwargs`` go to :func:`scan`. For ``method="paper"`` a ValueError says so
+    when clean models reach P = 1 / factor or more: no threshold below 1 then separates them."""
+    models = list(models)
+    if not models:
+        raise ValueError("models must hold at least one clean model")
+    check_number("factor", factor, positive=True)
+    datas = data if isinstance(data, list) and len(data) == len(models) else [data] * len(models)
+    kwargs.pop("threshold", None)
+    top = max(float(scan(m, d, method=method, **kwargs).P.nan_to_num(0).max())
+              for m, d in zip(models, datas))
+    if method == "paper" and top * factor >= 1:
+        raise ValueError(f"clean models reach P = {top:g} with method='paper': no threshold "
+                         f"below 1 is {factor}x above it")
+    return top * factor
 
 
 def _scan(model, data, *, method, cut, n, k, restarts, alpha, steps, lr_scale, margin, reach,
@@ -199,7 +223,8 @@ def _scan(model, data, *, method, cut, n, k, restarts, alpha, steps, lr_scale, m
     check_number("lr_scale", lr_scale, positive=True)
     check_number("reach", reach)
     m = copy.deepcopy(model).eval().requires_grad_(False)
-    cut = graph.default_cut(m) if cut is None else cut
+    if cut is None:
+        cut = graph.default_cut(m) if method == "paper" else graph.input_cut(m)
     head = graph.split(m, cut)
     if graph.is_affine(head):
         raise ValueError(
@@ -239,6 +264,15 @@ def _scan(model, data, *, method, cut, n, k, restarts, alpha, steps, lr_scale, m
         settings=dict(method=method, **settings))
 
 
+def _nothing_found(phi, skipped, backend, anchors) -> dict:
+    """A search's outcome before it runs: no pockets, the skipped classes, the number of
+    searches (problems in ``anchors``, a list of batches)."""
+    none = torch.zeros(0, dtype=torch.long)
+    return dict(samples=phi.new_zeros((0, *phi.shape[1:])), sources=none, targets=none,
+                skipped=skipped, found=0, abandoned=0, backend=backend,
+                searches=sum(len(a) for a in anchors))
+
+
 def _paper(head, phi, logits, y, correct, classes, *, n, k, restarts, alpha, steps, lr_scale,
            margin, threshold, seed, backend, progress, **_):
     """Algorithm 1: ``restarts`` searches per class pair from ``k`` of the ``n`` most confident
@@ -264,9 +298,7 @@ def _paper(head, phi, logits, y, correct, classes, *, n, k, restarts, alpha, ste
     settings = dict(n=n, k=k, restarts=restarts, alpha=alpha, steps=steps, lr_scale=lr_scale,
                     lr=lr, lo=lo - slack, hi=hi + slack, margin=margin, seed=seed)
     P = torch.full((classes, classes), math.nan)
-    found = dict(samples=phi.new_zeros((0, *phi.shape[1:])), sources=torch.zeros(0, dtype=torch.long),
-                 targets=torch.zeros(0, dtype=torch.long), skipped=skipped, found=0,
-                 abandoned=0, backend="none", searches=sum(len(a) for a in anchors))
+    found = _nothing_found(phi, skipped, "none", anchors)
     if anchors:
         source, target = torch.cat(source), torch.cat(target)
         if progress:
@@ -308,9 +340,7 @@ def _hull(head, phi, logits, y, correct, classes, *, k, steps, reach, threshold,
                 target.append(torch.full((len(hood),), lt))
     settings = dict(k=k, steps=steps, reach=reach, threshold=threshold)
     P = torch.full((classes, classes), math.nan)
-    found = dict(samples=phi.new_zeros((0, *phi.shape[1:])), sources=torch.zeros(0, dtype=torch.long),
-                 targets=torch.zeros(0, dtype=torch.long), skipped=skipped, found=0,
-                 abandoned=0, backend="torch", searches=sum(len(a) for a in anchors))
+    found = _nothing_found(phi, skipped, "torch", anchors)
     if not anchors:
         return P, found, settings
     source, target = torch.cat(source).to(phi.device), torch.cat(target).to(phi.device)
@@ -321,9 +351,9 @@ def _hull(head, phi, logits, y, correct, classes, *, k, steps, reach, threshold,
         print(f"scan: {len(source)} hull searches = {len(searched)} classes' neighbourhoods x "
               f"{classes - 1} targets", file=sys.stderr)
     with tqdm(total=steps, desc="scan: hull search", unit="step", disable=not progress) as bar:
-        points, lead = hull.hull_search(torch.cat(anchors), lambda v: head(v.view(-1, *phi.shape[1:])),
-                                        target, reach=reach, steps=steps,
-                                        on_step=lambda s: bar.update())
+        points, lead = hull.hull_search(
+            torch.cat(anchors), lambda v: head(v.view(-1, *phi.shape[1:])), target, reach=reach,
+            steps=steps, on_step=lambda s: bar.update())
     hit = lead > 0
     deep = hull.depth(points[hit], source[hit], target[hit], flat, y)
     pair = (source[hit] * classes + target[hit]).cpu()

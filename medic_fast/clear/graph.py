@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["split", "features", "default_cut", "is_affine", "linear_modules"]
+__all__ = ["split", "features", "default_cut", "input_cut", "is_affine", "linear_modules"]
 
 
 class _LeafTracer(fx.Tracer):
@@ -158,6 +158,24 @@ def default_cut(model: nn.Module) -> str:
     raise ValueError(f"cannot choose a default cut for {type(model).__name__}: a skip connection "
                      f"goes around every block holding its last convolution {convs[-1]!r}; "
                      "pass cut=")
+
+
+def input_cut(model: nn.Module) -> str:
+    """The first module the forward calls whose input is the model's input, unchanged or only
+    reshaped (so the feature space is the input space): the default cut of ``scan``'s hull
+    search."""
+    graph = _trace(model)
+    reshapes = {"flatten", "view", "reshape", "contiguous"}
+    plain = {n for n in graph.nodes if n.op == "placeholder"}
+    for n in graph.nodes:
+        if n.op == "call_method" and n.target in reshapes and n.args[0] in plain:
+            plain.add(n)
+        elif n.op == "call_function" and n.target is torch.flatten and n.args[0] in plain:
+            plain.add(n)
+        elif n.op == "call_module" and n.all_input_nodes and n.all_input_nodes[0] in plain:
+            return n.target
+    raise ValueError(f"cannot find the module that takes {type(model).__name__}'s input; pass "
+                     "cut= (the name of the module whose input is the space to search)")
 
 
 # Modules and functions that are affine maps of their input (in eval mode).

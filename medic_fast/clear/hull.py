@@ -8,7 +8,8 @@ as attacked ones (benchmarks/RESULTS.md §4). This search keeps each centroid ne
 problem is a *neighbourhood*, the ``k`` nearest correctly classified samples of one class, and a
 target class; its point is a convex combination of the neighbourhood's features plus an offset of
 norm at most ``reach`` times the neighbourhood's mean radius. Adam moves the mixture's logits and
-the offset to minimise the target's cross-entropy, every problem in one batch.
+the offset to minimise the target's cross-entropy, every problem in one batch. ``scan`` runs it at
+the model's input by default, where the data's own geometry holds.
 
 A point classified as the target is a pocket candidate; what tells a planted pocket from a clean
 boundary is where it lies. :func:`depth` is the distance from the point to the nearest clean

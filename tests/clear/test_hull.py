@@ -60,18 +60,18 @@ def test_the_point_stays_in_the_hull_widened_by_reach():
 
 
 @pytest.fixture(scope="module")
-def roll_102():
-    """Swiss roll, label flip, transfer: seed 102 (a tuning seed), poisoned and its clean model."""
+def roll_104():
+    """Swiss roll, label flip, transfer: seed 104 (a tuning seed), poisoned and its clean model."""
     with torch_threads(1):
-        return (make_task("swiss_roll", "label_flip", "transfer", seed=102),
-                make_task("swiss_roll", "label_flip", "transfer", seed=102, poisoned=False))
+        return (make_task("swiss_roll", "label_flip", "transfer", seed=104),
+                make_task("swiss_roll", "label_flip", "transfer", seed=104, poisoned=False))
 
 
-def test_hull_scan_finds_the_attacked_pair_and_leaves_the_clean_model_alone(roll_102):
-    poisoned, clean = roll_102
+def test_hull_scan_finds_the_attacked_pair_and_leaves_the_clean_model_alone(roll_104):
+    poisoned, clean = roll_104
     assert poisoned.took
     r = medic_fast.scan(poisoned.model, poisoned.val)
-    assert r.settings["method"] == "hull" and r.threshold == 8.0 and r.backend == "torch"
+    assert r.settings["method"] == "hull" and r.threshold == 10.0 and r.backend == "torch"
     assert r.flagged and r.target == poisoned.target
     assert r.pairs[0][:2] == (poisoned.source, poisoned.target)
     mine = (r.pocket_sources == poisoned.source) & (r.pocket_targets == poisoned.target)
@@ -86,8 +86,22 @@ def test_hull_scan_finds_the_attacked_pair_and_leaves_the_clean_model_alone(roll
     assert poisoned.accuracy(patched) > poisoned.accuracy() - 0.02
 
 
-def test_scan_rejects_bad_method_threshold_and_labels(roll_102):
-    poisoned, _ = roll_102
+def test_calibrate_sets_the_threshold_above_what_clean_models_give(roll_104):
+    poisoned, clean = roll_104
+    from medic_fast.clear import calibrate
+    t = calibrate([clean.model], clean.val)
+    top = float(medic_fast.scan(clean.model, clean.val).P.nan_to_num(0).max())
+    assert t == pytest.approx(1.1 * top) and t > 0
+    assert not medic_fast.scan(clean.model, clean.val, threshold=t).flagged
+    assert medic_fast.scan(poisoned.model, poisoned.val, threshold=t).target == poisoned.target
+    with pytest.raises(ValueError, match="at least one clean model"):
+        calibrate([], clean.val)
+    with pytest.raises(ValueError, match="factor must be"):
+        calibrate([clean.model], clean.val, factor=0)
+
+
+def test_scan_rejects_bad_method_threshold_and_labels(roll_104):
+    poisoned, _ = roll_104
     model, (X, y) = poisoned.model, poisoned.val
     with pytest.raises(ValueError, match="method must be one of"):
         medic_fast.scan(model, (X, y), method="fast")
@@ -117,8 +131,8 @@ def test_a_model_with_a_linear_head_is_refused_with_the_reason():
         medic_fast.scan(model, (X, torch.randint(3, (60,))), cut="2")
 
 
-def test_patch_never_returns_non_finite_weights(roll_102):
-    poisoned, _ = roll_102
+def test_patch_never_returns_non_finite_weights(roll_104):
+    poisoned, _ = roll_104
     r = medic_fast.scan(poisoned.model, poisoned.val)
     before = {k: v.clone() for k, v in poisoned.model.state_dict().items()}
     with pytest.raises((ValueError, FloatingPointError), match="non-finite"):
