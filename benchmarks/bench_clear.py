@@ -7,6 +7,7 @@ against the paper's control, the same fine-tuning on the clean samples alone.
     python benchmarks/bench_clear.py                       # seeds 0-9 (settings tuned on 100-105)
     python benchmarks/bench_clear.py --seeds 2 --tasks swiss_roll --json out.json --csv out.csv
     python benchmarks/bench_clear.py --workers 2           # (task, form) units in 2 processes
+    python benchmarks/bench_clear.py --seeds 1 --tasks swiss_roll --figures results  # pictures
 
 Per task x form x attack: how often the attack takes (the sample goes to the target and test
 accuracy drops by less than 5 points), detection at the right target among those for each method,
@@ -35,9 +36,22 @@ def _scans(task):
     return {m: medic_fast.scan(task.model, task.val, method=m, threads=1) for m in METHODS}
 
 
+def _figures(t, r, folder):
+    """The scans' heatmaps and, for 2-D inputs, the decision regions with the attacked sample and
+    the default's pockets (the paper's Fig. 3/5), as PNGs in ``folder``."""
+    from medic_fast.clear.plots import decision_regions
+
+    stem = f"{folder}/clear_{t.name.replace('/', '_')}"
+    for m in METHODS:
+        r[m].plot(f"{stem}_{m}_heatmap.png")
+    if t.target_x.flatten(1).shape[1] == 2:
+        decision_regions(t.model, *t.val, f"{stem}_regions.png", report=r["hull"],
+                         attacked=t.target_x, target=t.target)
+
+
 def _unit(job):
     """Every seed of one (task, form): the clean models, then each attack's."""
-    name, form, seeds = job
+    name, form, seeds, figures = job
     torch.set_num_threads(1)
     out = []
     for seed in seeds:
@@ -58,6 +72,8 @@ def _unit(job):
                                        pocket_sources=r["hull"].pocket_sources[:0],
                                        pocket_targets=r["hull"].pocket_targets[:0])
             control = medic_fast.patch(t.model, none, t.val)
+            if figures and attack == "label_flip" and seed == seeds[0]:
+                _figures(t, r, figures)
             row = dict(task=name, form=form, attack=attack, seed=seed, took=t.took,
                        source=t.source, target=t.target,
                        acc=t.accuracy(), acc_clean_model=t.clean_accuracy,
@@ -88,10 +104,13 @@ def main():
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
     p.add_argument("--workers", type=int, default=1, help="processes, one thread each")
+    p.add_argument("--figures", default=None, metavar="DIR", help="also draw, for the first "
+                   "seed's label flip, the scans' heatmaps and (2-D inputs) the decision regions "
+                   "into DIR (needs matplotlib)")
     add_output_options(p)
     args = p.parse_args()
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    jobs = [(t, f, seeds) for t in args.tasks for f in args.forms]
+    jobs = [(t, f, seeds, args.figures) for t in args.tasks for f in args.forms]
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers) as pool:
             units = pool.map(_unit, jobs, chunksize=1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import medic_fast
+from medic_fast._utils import torch_threads
 from medic_fast.zoo.bench import bench_steps
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -152,3 +153,28 @@ def test_bench_defences_job_table_and_plot(defences_script, tmp_path):
     path = tmp_path / "d.png"
     defences_script.plot(rows + [dict(r, seed=2) for r in rows], ["medic", "scratch"], path)
     assert path.stat().st_size > 0
+
+
+def test_bench_clear_unit_rows_table_and_figures(monkeypatch, tmp_path, capsys):
+    """One seed of the Swiss roll's transfer form, label flip only: a clean row and an attack
+    row with both methods' verdicts, patch against clean-only fine-tuning, the table, the JSON
+    and the pictures."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("bench_clear", BENCHMARKS / "bench_clear.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "ATTACKS", ("label_flip",))
+    out = tmp_path / "r.json"
+    monkeypatch.setattr("sys.argv", ["bench_clear.py", "--seeds", "1", "--first-seed", "104",
+                                     "--tasks", "swiss_roll", "--forms", "transfer",
+                                     "--figures", str(tmp_path), "--json", str(out)])
+    with torch_threads(1):
+        script.main()
+    text = capsys.readouterr().out
+    assert "| swiss_roll | transfer | label_flip | 1/1 | 1/1 | 0/1 |" in text
+    rows = json.loads(out.read_text())
+    attack = [r for r in rows if r.get("attack") == "label_flip" and "seed" in r]
+    assert attack[0]["took"] and attack[0]["hull_detected"] and not attack[0]["asr_patch"]
+    for name in ("hull_heatmap", "paper_heatmap", "regions"):
+        assert (tmp_path / f"clear_swiss_roll_label_flip_transfer_{name}.png").stat().st_size > 0
