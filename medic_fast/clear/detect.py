@@ -149,7 +149,7 @@ HULL = dict(k=8, steps=100, reach=0.5, threshold=10.0)
 
 
 def scan(model: nn.Module, data, *, method: str = "hull", cut: Optional[str] = None,
-         n: int = 50, k: Optional[int] = None, restarts: int = 10,
+         n: Optional[int] = None, k: Optional[int] = None, restarts: int = 10,
          alpha: float = DEFAULTS["alpha"], steps: Optional[int] = None, lr_scale: float = 1e-3,
          margin: float = DEFAULTS["margin"], reach: float = HULL["reach"],
          threshold: Optional[float] = None, seed: int = 0, backend: str = "auto",
@@ -157,13 +157,16 @@ def scan(model: nn.Module, data, *, method: str = "hull", cut: Optional[str] = N
     """Scan ``model`` for a sample-targeted backdoor with CLEAR, using clean ``data`` (a
     ``Dataset``, a ``DataLoader`` or an ``(X, y)`` pair). The model is not modified.
 
-    method: ``"hull"`` (default, :mod:`medic_fast.clear.hull`): every correctly classified sample's
-    neighbourhood of ``k`` (default 8) same-class samples, against every other class, searched
-    for a point of its hull (widened by ``reach``) classified as that class; ``P[ls, lt]`` is the
-    depth of the deepest one found (0: none), and a pair with ``P > threshold`` (default 10.0)
-    flags the model. Its default cut is the model's input. ``"paper"``: Algorithm 1 (DESIGN.md
-    §2): ``restarts`` searches per pair from
-    ``k`` (default 5) of the ``n`` most confident samples, SGD with the extension, ``alpha``,
+    method: ``"hull"`` (default, :mod:`medic_fast.clear.hull`): the neighbourhood of ``k``
+    (default 8) same-class samples around every correctly classified sample (or around ``n`` of
+    each class, drawn with ``seed``), against every other class, searched for a point of its hull
+    (widened by ``reach``) classified as that class; ``P[ls, lt]`` is the depth of the deepest
+    one found (0: none), and a pair with ``P > threshold`` (default 10.0) flags the model. Its
+    default cut is the model's input. Cost: (neighbourhoods x (classes - 1)) points through the
+    part after the cut, ``steps`` times (forward and backward): on a large network pass ``n``
+    or a later ``cut``.
+    ``"paper"``: Algorithm 1 (DESIGN.md §2): ``restarts`` searches per pair from ``k`` (default
+    5) of the ``n`` (default 50) most confident samples, SGD with the extension, ``alpha``,
     ``margin``, ``lr = lr_scale * (max - min of the clean features)``; ``P`` is the fraction of
     restarts that found a pocket, ``threshold`` default 0.5.
     cut: name of the module whose input is the space searched (default: the model's input for
@@ -177,6 +180,7 @@ def scan(model: nn.Module, data, *, method: str = "hull", cut: Optional[str] = N
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     hull_ = method == "hull"
     k = (HULL["k"] if hull_ else 5) if k is None else k
+    n = (None if hull_ else 50) if n is None else n
     steps = (HULL["steps"] if hull_ else DEFAULTS["steps"]) if steps is None else steps
     threshold = (HULL["threshold"] if hull_ else 0.5) if threshold is None else threshold
     with torch_threads(threads or available_cores()):
@@ -210,7 +214,8 @@ def _scan(model, data, *, method, cut, n, k, restarts, alpha, steps, lr_scale, m
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    n, k = check_int("n", n, 1), check_int("k", k, 2)
+    n = None if n is None else check_int("n", n, 1)
+    k = check_int("k", k, 2)
     restarts = check_int("restarts", restarts, 1)
     steps = check_int("steps", steps, 0)
     seed = check_int("seed", seed, 0)
@@ -319,7 +324,8 @@ def _paper(head, phi, logits, y, correct, classes, *, n, k, restarts, alpha, ste
     return P, found, settings
 
 
-def _hull(head, phi, logits, y, correct, classes, *, k, steps, reach, threshold, progress, **_):
+def _hull(head, phi, logits, y, correct, classes, *, n, k, steps, reach, threshold, seed,
+          progress, **_):
     """The hull search (:mod:`medic_fast.clear.hull`) from every correctly classified sample's
     neighbourhood against every other class. P: the depth of the deepest point found classified
     as the target (0: none); the pocket samples are the points deeper than ``threshold``."""
@@ -333,12 +339,15 @@ def _hull(head, phi, logits, y, correct, classes, *, k, steps, reach, threshold,
             skipped[ls] = len(mine)
             continue
         hood = flat[mine][hull.neighbourhoods(flat[mine], k)]
+        if n is not None and n < len(hood):  # n neighbourhoods, drawn at random
+            gen = torch.Generator().manual_seed(seed * classes + ls)
+            hood = hood[torch.randperm(len(hood), generator=gen)[:n].to(hood.device)]
         for lt in range(classes):
             if lt != ls:
                 anchors.append(hood)
                 source.append(torch.full((len(hood),), ls))
                 target.append(torch.full((len(hood),), lt))
-    settings = dict(k=k, steps=steps, reach=reach, threshold=threshold)
+    settings = dict(n=n, k=k, steps=steps, reach=reach, threshold=threshold, seed=seed)
     P = torch.full((classes, classes), math.nan)
     found = _nothing_found(phi, skipped, "torch", anchors)
     if not anchors:

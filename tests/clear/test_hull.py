@@ -77,6 +77,8 @@ def test_hull_scan_finds_the_attacked_pair_and_leaves_the_clean_model_alone(roll
     mine = (r.pocket_sources == poisoned.source) & (r.pocket_targets == poisoned.target)
     assert len(r.pocket_samples) == len(r.pocket_sources) and mine.sum() > len(mine) / 2
     assert torch.isnan(r.P.diagonal()).all() and (r.P.nan_to_num(0) >= 0).all()
+    few = medic_fast.scan(poisoned.model, poisoned.val, n=20, seed=3)
+    assert few.n_searches == 4 * 20 * 3 and few.settings["n"] == 20
     c = medic_fast.scan(clean.model, clean.val)
     assert not c.flagged and len(c.pocket_samples) == 0
     assert float(c.P.nan_to_num(0).max()) < c.threshold
