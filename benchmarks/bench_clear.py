@@ -8,6 +8,7 @@ against the paper's control, the same fine-tuning on the clean samples alone.
     python benchmarks/bench_clear.py --seeds 2 --tasks swiss_roll --json out.json --csv out.csv
     python benchmarks/bench_clear.py --workers 2           # (task, form) units in 2 processes
     python benchmarks/bench_clear.py --seeds 1 --tasks swiss_roll --figures results  # pictures
+    python benchmarks/bench_clear.py --explain results/bench_clear_mlp.json  # why a case failed
 
 Per task x form x attack: how often the attack takes (the sample goes to the target and test
 accuracy drops by less than 5 points), detection at the right target among those for each method,
@@ -93,6 +94,53 @@ def _unit(job):
     return out
 
 
+def pocket_geometry(t, k: int = 8, points: int = 101) -> dict:
+    """Where the attacked sample's pocket lies against what the default search can reach, at the
+    model's input: ``d_nn``, its distance to the nearest correctly classified validation sample
+    of its class; ``gap``, its distance to the convex hull of its ``k`` nearest such samples (the
+    neighbourhood a search would start from), over ``d_nn``; ``reach``, how far the pocket (the
+    points classified as the target) extends from the sample towards that hull, over the gap."""
+    X, y = t.val
+    flat, v = X.flatten(1), t.target_x.flatten(1)[0]
+    with torch.no_grad():
+        ok = t.model(X).argmax(1) == y
+    mine = flat[ok & (y == t.source)]
+    d = (mine - v).norm(dim=1)
+    hood = mine[d.argsort()[:k]]
+    w = torch.zeros(len(hood), requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.05)
+    for _ in range(500):  # the nearest point of the hull
+        loss = ((w.softmax(0) @ hood) - v).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        p = w.softmax(0) @ hood
+        gap = float((p - v).norm())
+        a = torch.linspace(0, 1, points)[:, None]
+        cls = t.model((v + a * (p - v)).view(-1, *X.shape[1:])).argmax(1)
+        out = (cls != t.target).nonzero()
+        reach = float(a[out[0]]) if len(out) else 1.0
+    return dict(d_nn=float(d.min()), gap=gap / float(d.min()), reach=reach)
+
+
+def explain(path: str) -> None:
+    """For every attack that took and the default missed, in a JSON written by this script:
+    :func:`pocket_geometry` of its task, rebuilt from its row (the tasks are deterministic)."""
+    import json
+
+    rows = [r for r in json.load(open(path)) if "seed" in r and r["took"]
+            and not r["hull_detected"]]
+    print("| task | form | attack | seed | hull P[s,t] | d_nn | gap to the hull / d_nn | "
+          "pocket reach / gap |\n|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        t = make_task(r["task"], r["attack"], r["form"], seed=r["seed"])
+        g = pocket_geometry(t)
+        print(f"| {r['task']} | {r['form']} | {r['attack']} | {r['seed']} | "
+              f"{r['hull_pair']:.1f} | {g['d_nn']:.3f} | {g['gap']:.2f} | {g['reach']:.2f} |",
+              flush=True)
+
+
 def _frac(rows, key):
     return f"{sum(bool(r[key]) for r in rows)}/{len(rows)}"
 
@@ -107,8 +155,13 @@ def main():
     p.add_argument("--figures", default=None, metavar="DIR", help="also draw, for the first "
                    "seed's label flip, the scans' heatmaps and (2-D inputs) the decision regions "
                    "into DIR (needs matplotlib)")
+    p.add_argument("--explain", default=None, metavar="JSON", help="instead of a run: for the "
+                   "attacks a run (its --json) found to take and the default missed, measure the "
+                   "pocket against the hull the search starts from")
     add_output_options(p)
     args = p.parse_args()
+    if args.explain:
+        return explain(args.explain)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     jobs = [(t, f, seeds, args.figures) for t in args.tasks for f in args.forms]
     if args.workers > 1:

@@ -178,3 +178,8 @@ def test_bench_clear_unit_rows_table_and_figures(monkeypatch, tmp_path, capsys):
     assert attack[0]["took"] and attack[0]["hull_detected"] and not attack[0]["asr_patch"]
     for name in ("hull_heatmap", "paper_heatmap", "regions"):
         assert (tmp_path / f"clear_swiss_roll_label_flip_transfer_{name}.png").stat().st_size > 0
+    from medic_fast.zoo.tasks import make_task
+    with torch_threads(1):
+        g = script.pocket_geometry(make_task("swiss_roll", seed=104, epochs=5))
+    assert set(g) == {"d_nn", "gap", "reach"} and g["d_nn"] > 0
+    assert g["gap"] >= 0 and 0 <= g["reach"] <= 1
