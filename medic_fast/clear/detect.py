@@ -269,6 +269,17 @@ def _scan(model, data, *, method, cut, n, k, restarts, alpha, steps, lr_scale, m
         settings=dict(method=method, **settings))
 
 
+def _classes_with_k(correct, y, classes, k, skipped):
+    """``(class, indices of its correctly classified samples)`` for each class that has at least
+    ``k`` of them; the others go into ``skipped`` (class -> how many it has)."""
+    for c in range(classes):
+        mine = (correct & (y == c)).nonzero().squeeze(1)
+        if len(mine) < k:
+            skipped[c] = len(mine)
+        else:
+            yield c, mine
+
+
 def _nothing_found(phi, skipped, backend, anchors) -> dict:
     """A search's outcome before it runs: no pockets, the skipped classes, the number of
     searches (problems in ``anchors``, a list of batches)."""
@@ -285,11 +296,7 @@ def _paper(head, phi, logits, y, correct, classes, *, n, k, restarts, alpha, ste
     conf = logits.softmax(1).gather(1, y[:, None]).squeeze(1)
     gen = torch.Generator().manual_seed(seed)
     anchors, source, target, skipped = [], [], [], {}
-    for ls in range(classes):
-        mine = (correct & (y == ls)).nonzero().squeeze(1)
-        if len(mine) < k:
-            skipped[ls] = len(mine)
-            continue
+    for ls, mine in _classes_with_k(correct, y, classes, k, skipped):
         pool = phi[mine[conf[mine].argsort(descending=True)[:n]]]
         others = [lt for lt in range(classes) if lt != ls]
         pick = torch.rand(len(others) * restarts, len(pool), generator=gen).argsort(1)[:, :k]
@@ -333,11 +340,7 @@ def _hull(head, phi, logits, y, correct, classes, *, n, k, steps, reach, thresho
 
     flat = phi.flatten(1).float()
     anchors, source, target, skipped = [], [], [], {}
-    for ls in range(classes):
-        mine = (correct & (y == ls)).nonzero().squeeze(1)
-        if len(mine) < k:
-            skipped[ls] = len(mine)
-            continue
+    for ls, mine in _classes_with_k(correct, y, classes, k, skipped):
         hood = flat[mine][hull.neighbourhoods(flat[mine], k)]
         if n is not None and n < len(hood):  # n neighbourhoods, drawn at random
             gen = torch.Generator().manual_seed(seed * classes + ls)
