@@ -25,6 +25,7 @@ import statistics
 import torch
 
 import medic_fast
+from medic_fast.clear.hull import depth
 from medic_fast.zoo.tasks import ATTACKS, FORMS, TASKS, make_task
 
 from _harness import add_output_options, write_rows
@@ -99,7 +100,9 @@ def pocket_geometry(t, k: int = 8, points: int = 101) -> dict:
     model's input: ``d_nn``, its distance to the nearest correctly classified validation sample
     of its class; ``gap``, its distance to the convex hull of its ``k`` nearest such samples (the
     neighbourhood a search would start from), over ``d_nn``; ``reach``, how far the pocket (the
-    points classified as the target) extends from the sample towards that hull, over the gap."""
+    points classified as the target) extends from the sample towards that hull, over the gap;
+    ``depth``, the sample's own depth (:func:`medic_fast.clear.hull.depth`: its distance to the
+    nearest validation sample of the target class over that to its own class's)."""
     X, y = t.val
     flat, v = X.flatten(1), t.target_x.flatten(1)[0]
     with torch.no_grad():
@@ -121,7 +124,8 @@ def pocket_geometry(t, k: int = 8, points: int = 101) -> dict:
         cls = t.model((v + a * (p - v)).view(-1, *X.shape[1:])).argmax(1)
         out = (cls != t.target).nonzero()
         reach = float(a[out[0]]) if len(out) else 1.0
-    return dict(d_nn=float(d.min()), gap=gap / float(d.min()), reach=reach)
+        own = float(depth(v[None], torch.tensor([t.source]), torch.tensor([t.target]), flat, y))
+    return dict(d_nn=float(d.min()), gap=gap / float(d.min()), reach=reach, depth=own)
 
 
 def explain(path: str) -> None:
@@ -132,12 +136,13 @@ def explain(path: str) -> None:
     rows = [r for r in json.load(open(path)) if "seed" in r and r["took"]
             and not r["hull_detected"]]
     print("| task | form | attack | seed | hull P[s,t] | d_nn | gap to the hull / d_nn | "
-          "pocket reach / gap |\n|---|---|---|---:|---:|---:|---:|---:|")
+          "pocket reach / gap | the sample's depth |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         t = make_task(r["task"], r["attack"], r["form"], seed=r["seed"])
         g = pocket_geometry(t)
         print(f"| {r['task']} | {r['form']} | {r['attack']} | {r['seed']} | "
-              f"{r['hull_pair']:.1f} | {g['d_nn']:.3f} | {g['gap']:.2f} | {g['reach']:.2f} |",
+              f"{r['hull_pair']:.1f} | {g['d_nn']:.3f} | {g['gap']:.2f} | {g['reach']:.2f} | "
+              f"{g['depth']:.1f} |",
               flush=True)
 
 

@@ -181,5 +181,5 @@ def test_bench_clear_unit_rows_table_and_figures(monkeypatch, tmp_path, capsys):
     from medic_fast.zoo.tasks import make_task
     with torch_threads(1):
         g = script.pocket_geometry(make_task("swiss_roll", seed=104, epochs=5))
-    assert set(g) == {"d_nn", "gap", "reach"} and g["d_nn"] > 0
+    assert set(g) == {"d_nn", "gap", "reach", "depth"} and g["d_nn"] > 0 and g["depth"] > 0
     assert g["gap"] >= 0 and 0 <= g["reach"] <= 1
