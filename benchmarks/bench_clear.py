@@ -9,6 +9,7 @@ against the paper's control, the same fine-tuning on the clean samples alone.
     python benchmarks/bench_clear.py --workers 2           # (task, form) units in 2 processes
     python benchmarks/bench_clear.py --seeds 1 --tasks swiss_roll --figures results  # pictures
     python benchmarks/bench_clear.py --explain results/bench_clear_mlp.json  # why a case failed
+    python benchmarks/bench_clear.py --table a.json b.json   # one table from runs over other seeds
 
 Per task x form x attack: how often the attack takes (the sample goes to the target and test
 accuracy drops by less than 5 points), detection at the right target among those for each method,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import multiprocessing as mp
 import statistics
 
@@ -131,8 +133,6 @@ def pocket_geometry(t, k: int = 8, points: int = 101) -> dict:
 def explain(path: str) -> None:
     """For every attack that took and the default missed, in a JSON written by this script:
     :func:`pocket_geometry` of its task, rebuilt from its row (the tasks are deterministic)."""
-    import json
-
     rows = [r for r in json.load(open(path)) if "seed" in r and r["took"]
             and not r["hull_detected"]]
     print("| task | form | attack | seed | hull P[s,t] | d_nn | gap to the hull / d_nn | "
@@ -150,6 +150,45 @@ def _frac(rows, key):
     return f"{sum(bool(r[key]) for r in rows)}/{len(rows)}"
 
 
+def table(rows) -> list:
+    """Print the markdown table of the per-seed ``rows`` (one line per task x form x attack, in
+    the order they appear) and return its lines as summary rows."""
+    print("\n| task | form | attack | took | hull: detected | hull: false alarms | paper: "
+          "detected | paper: false alarms | ASR after patch | ... clean-only | ACC before -> "
+          "patch / clean-only | scan s (hull, paper) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    summary = []
+    units = list(dict.fromkeys((r["task"], r["form"]) for r in rows))
+    for name, form in units:
+        clean = [r for r in rows if (r["task"], r["form"], r["attack"]) == (name, form, "clean")]
+        for attack in ATTACKS:
+            mine = [r for r in rows if (r["task"], r["form"], r["attack"]) == (name, form, attack)]
+            if not mine:
+                continue
+            took = [r for r in mine if r["took"]]
+            secs = {m: statistics.median(r[f"{m}_seconds"] for r in mine + clean)
+                    for m in METHODS}
+
+            def acc(key):
+                return statistics.mean(r[key] for r in took) if took else float("nan")
+            s = dict(task=name, form=form, attack=attack, seeds=len(mine), took=len(took),
+                     **{f"{m}_detected": sum(r[f"{m}_detected"] for r in took) for m in METHODS},
+                     **{f"{m}_false_alarms": sum(r[f"{m}_flagged"] for r in clean)
+                        for m in METHODS},
+                     clean_models=len(clean), asr_patch=sum(r["asr_patch"] for r in took),
+                     asr_control=sum(r["asr_control"] for r in took), acc=acc("acc"),
+                     acc_patch=acc("acc_patch"), acc_control=acc("acc_control"),
+                     **{f"{m}_seconds": secs[m] for m in METHODS})
+            summary.append(s)
+            print(f"| {name} | {form} | {attack} | {len(took)}/{len(mine)} | "
+                  f"{_frac(took, 'hull_detected')} | {_frac(clean, 'hull_flagged')} | "
+                  f"{_frac(took, 'paper_detected')} | {_frac(clean, 'paper_flagged')} | "
+                  f"{_frac(took, 'asr_patch')} | {_frac(took, 'asr_control')} | "
+                  f"{s['acc']:.3f} -> {s['acc_patch']:.3f} / {s['acc_control']:.3f} | "
+                  f"{secs['hull']:.2f}, {secs['paper']:.2f} |", flush=True)
+    return summary
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=10)
@@ -163,10 +202,17 @@ def main():
     p.add_argument("--explain", default=None, metavar="JSON", help="instead of a run: for the "
                    "attacks a run (its --json) found to take and the default missed, measure the "
                    "pocket against the hull the search starts from")
+    p.add_argument("--table", nargs="+", default=None, metavar="JSON", help="instead of a run: "
+                   "the table of the per-seed rows of runs' --json files together (e.g. runs "
+                   "over different seeds)")
     add_output_options(p)
     args = p.parse_args()
     if args.explain:
         return explain(args.explain)
+    if args.table:
+        rows = [r for path in args.table for r in json.load(open(path)) if "seed" in r]
+        return write_rows(table(rows) + rows, "bench_clear", json_path=args.json,
+                          csv_path=args.csv)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     jobs = [(t, f, seeds, args.figures) for t in args.tasks for f in args.forms]
     if args.workers > 1:
@@ -175,43 +221,7 @@ def main():
     else:
         units = [_unit(j) for j in jobs]
     rows = [r for u in units for r in u]
-    print("\n| task | form | attack | took | hull: detected | hull: false alarms | paper: "
-          "detected | paper: false alarms | ASR after patch | ... clean-only | ACC before -> "
-          "patch / clean-only | scan s (hull, paper) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
-    summary = []
-    for name in args.tasks:
-        for form in args.forms:
-            clean = [r for r in rows if (r["task"], r["form"], r["attack"]) == (name, form,
-                                                                               "clean")]
-            for attack in ATTACKS:
-                mine = [r for r in rows if (r["task"], r["form"], r["attack"]) == (name, form,
-                                                                                  attack)]
-                took = [r for r in mine if r["took"]]
-                secs = {m: statistics.median(r[f"{m}_seconds"] for r in mine + clean)
-                        for m in METHODS}
-
-                def acc(key):
-                    return statistics.mean(r[key] for r in took) if took else float("nan")
-                s = dict(task=name, form=form, attack=attack, seeds=len(mine), took=len(took),
-                         **{f"{m}_detected": sum(r[f"{m}_detected"] for r in took)
-                            for m in METHODS},
-                         **{f"{m}_false_alarms": sum(r[f"{m}_flagged"] for r in clean)
-                            for m in METHODS},
-                         clean_models=len(clean),
-                         asr_patch=sum(r["asr_patch"] for r in took),
-                         asr_control=sum(r["asr_control"] for r in took),
-                         acc=acc("acc"), acc_patch=acc("acc_patch"),
-                         acc_control=acc("acc_control"),
-                         **{f"{m}_seconds": secs[m] for m in METHODS})
-                summary.append(s)
-                print(f"| {name} | {form} | {attack} | {len(took)}/{len(mine)} | "
-                      f"{_frac(took, 'hull_detected')} | {_frac(clean, 'hull_flagged')} | "
-                      f"{_frac(took, 'paper_detected')} | {_frac(clean, 'paper_flagged')} | "
-                      f"{_frac(took, 'asr_patch')} | {_frac(took, 'asr_control')} | "
-                      f"{s['acc']:.3f} -> {s['acc_patch']:.3f} / {s['acc_control']:.3f} | "
-                      f"{secs['hull']:.2f}, {secs['paper']:.2f} |", flush=True)
-    write_rows(summary + rows, "bench_clear", json_path=args.json, csv_path=args.csv)
+    write_rows(table(rows) + rows, "bench_clear", json_path=args.json, csv_path=args.csv)
 
 
 if __name__ == "__main__":
