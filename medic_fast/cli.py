@@ -579,9 +579,11 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("scan", formatter_class=fmt, help="scan for a sample-targeted backdoor "
                        "(CLEAR)", description="Detects sample-targeted backdoors (one attacked "
                        "sample sent to a target class), not trigger backdoors such as BadNets: "
-                       "for those use MEDIC (medic-fast sanitize). Searches the model's feature "
-                       "space for pockets (CLEAR) and prints the report as JSON, or writes it "
-                       "with --json. Never overwrites a file.")
+                       "for those use MEDIC (medic-fast sanitize). Searches for pockets "
+                       "(CLEAR): by default within the local hulls of the clean samples at the "
+                       "model's input (--method hull), or with the paper's Algorithm 1 in a "
+                       "feature space (--method paper; --backend applies to it). Prints the "
+                       "report as JSON, or writes it with --json. Never overwrites a file.")
     model_args(c)
     scan_defaults = _scan_defaults()
     c.add_argument("--method", choices=("hull", "paper"), default="hull", help="hull: search "
