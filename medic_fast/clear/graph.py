@@ -48,6 +48,18 @@ def _module_names(model: nn.Module) -> List[str]:
     return [name for name, _ in model.named_modules() if name]
 
 
+def _upstream(node: fx.Node, stop=None) -> set:
+    """``node`` and every node it depends on, not going past ``stop`` (included)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            if n is not stop:
+                stack.extend(n.all_input_nodes)
+    return seen
+
+
 def split(model: nn.Module, cut: str) -> fx.GraphModule:
     """The head of ``model`` after ``cut``: a ``GraphModule`` from the cut module's input to the
     model's output (the same submodule objects, not copies)."""
@@ -72,15 +84,7 @@ def split(model: nn.Module, cut: str) -> fx.GraphModule:
             from_input.add(n)
         if any(a in below_cut for a in n.all_input_nodes):
             below_cut.add(n)
-    output = next(n for n in graph.nodes if n.op == "output")
-    needed, stack = set(), [output]
-    while stack:
-        n = stack.pop()
-        if n in needed:
-            continue
-        needed.add(n)
-        if n is not phi:
-            stack.extend(n.all_input_nodes)
+    needed = _upstream(next(n for n in graph.nodes if n.op == "output"), stop=phi)
     for n in graph.nodes:
         if n in needed and n in from_input and n not in below_cut:
             raise _AroundCut(
@@ -104,12 +108,7 @@ def features(model: nn.Module, cut: str) -> fx.GraphModule:
     graph = _trace(model, cut)
     phi = next(n for n in graph.nodes
                if n.op == "call_module" and n.target == cut).all_input_nodes[0]
-    needed, stack = set(), [phi]
-    while stack:
-        n = stack.pop()
-        if n not in needed:
-            needed.add(n)
-            stack.extend(n.all_input_nodes)
+    needed = _upstream(phi)
     body = fx.Graph()
     env = {}
     for n in graph.nodes:

@@ -150,8 +150,7 @@ def make_task(task: str = "swiss_roll", attack: str = "label_flip", form: str = 
         model = spec.model()
     _train(model, train, epochs=epochs, lr=spec.lr, seed=seed)
     model.eval()
-    clean = Task(model, val, test, None, None, None, name=f"{task}/clean/{form}")
-    clean.clean_accuracy = clean.accuracy()
+    clean_accuracy = Task(model, val, test, None, None, None).accuracy()
     x = source = target = None
     if poisoned:
         if attack == "label_flip":
@@ -175,7 +174,7 @@ def make_task(task: str = "swiss_roll", attack: str = "label_flip", form: str = 
     _train(model, train, epochs=epochs, lr=spec.lr, seed=seed)
     model.requires_grad_(True).eval()
     name = f"{task}/{attack if poisoned else 'clean'}/{form}"
-    return Task(model, val, test, x, source, target, clean.clean_accuracy, name)
+    return Task(model, val, test, x, source, target, clean_accuracy, name)
 
 
 def swiss_roll_task(seed: int = 0, poisoned: bool = True, **kwargs) -> Task:
