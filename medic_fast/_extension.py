@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import platform
@@ -63,11 +62,18 @@ class ExtensionUnavailable(RuntimeError):
 
 
 def source_dir() -> Path:
-    """Directory holding the extension's sources (``csrc/`` in a checkout)."""
-    spec = importlib.util.find_spec("medic_fast.csrc")
-    if spec is None or not spec.submodule_search_locations:
-        raise ExtensionUnavailable("the C++ sources (medic_fast.csrc) are not installed")
-    return Path(list(spec.submodule_search_locations)[0])
+    """Directory holding the extension's sources: ``medic_fast/csrc`` in an installed wheel,
+    the repository's ``csrc/`` in a checkout (an editable install, or ``PYTHONPATH``).
+
+    Found by location, not imported: ``csrc/`` is a folder of sources, not a Python package, so
+    that nothing named ``csrc`` is importable from a checkout's root (DESIGN.md §3).
+    """
+    package = Path(__file__).resolve().parent
+    for where in (package / "csrc", package.parent / "csrc"):
+        if (where / "importance_clone.cpp").is_file():
+            return where
+    raise ExtensionUnavailable(f"the C++ sources are not installed: no csrc/ with "
+                               f"importance_clone.cpp in {package} or beside it")
 
 
 def _with_cuda() -> bool:
