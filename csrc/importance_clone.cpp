@@ -47,6 +47,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -691,29 +692,26 @@ void give_block(void* p, size_t n) {
   std::free(p);
 }
 
-// Uninitialised [rows_l, m_l] gradients, in the dtypes of `opts`.
-std::vector<at::Tensor> empty_outputs(const std::vector<std::pair<int64_t, int64_t>>& shapes,
+// Uninitialised contiguous gradients of the given sizes and dtypes (those of acts_c).
+std::vector<at::Tensor> empty_outputs(const std::vector<at::IntArrayRef>& shapes,
                                       const std::vector<at::TensorOptions>& opts) {
   const size_t nl = shapes.size();
   std::vector<size_t> offset(nl + 1, 0);
   for (size_t l = 0; l < nl; ++l) {
-    const size_t nbytes = size_t(shapes[l].first) * size_t(shapes[l].second) *
-                          opts[l].dtype().itemsize();
+    const size_t nbytes = size_t(c10::multiply_integers(shapes[l])) * opts[l].dtype().itemsize();
     offset[l + 1] = offset[l] + (nbytes + 4095) / 4096 * 4096;
   }
   const size_t total = (offset[nl] + kHuge - 1) / kHuge * kHuge;
   void* p = offset[nl] >= kBlockMin ? take_block(total) : nullptr;
   std::vector<at::Tensor> out;
   if (!p) {
-    for (size_t l = 0; l < nl; ++l)
-      out.push_back(at::empty({shapes[l].first, shapes[l].second}, opts[l]));
+    for (size_t l = 0; l < nl; ++l) out.push_back(at::empty(shapes[l], opts[l]));
     return out;
   }
   // Each gradient holds a reference; the last one gives the block back.
   auto block = std::shared_ptr<void>(p, [total](void* q) { give_block(q, total); });
   for (size_t l = 0; l < nl; ++l)
-    out.push_back(at::from_blob(static_cast<char*>(p) + offset[l],
-                                {shapes[l].first, shapes[l].second},
+    out.push_back(at::from_blob(static_cast<char*>(p) + offset[l], shapes[l],
                                 [block](void*) {}, opts[l]));
   return out;
 }
@@ -721,54 +719,170 @@ std::vector<at::Tensor> empty_outputs(const std::vector<std::pair<int64_t, int64
 #define MF_DISPATCH(dtype, NAME, ...)                                                   \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, NAME, __VA_ARGS__)
 
+// The stride between rows of x viewed as [rows, m] (dims before sd the rows, from sd on the
+// neurons), or -1 when that view needs a copy: the neuron dims must be row-major with unit
+// inner stride and the row dims one arithmetic progression (dims of size 1 are free).
+int64_t row_stride(const at::Tensor& x, int64_t sd) {
+  int64_t expect = 1;
+  for (int64_t d = x.dim() - 1; d >= sd; --d) {
+    if (x.size(d) == 1) continue;
+    if (x.stride(d) != expect) return -1;
+    expect *= x.size(d);
+  }
+  int64_t stride = -1;
+  for (int64_t d = sd - 1; d >= 0; --d) {
+    if (x.size(d) == 1) continue;
+    if (stride == -1) {
+      stride = x.stride(d);
+      expect = stride * x.size(d);
+    } else {
+      if (x.stride(d) != expect) return -1;
+      expect *= x.size(d);
+    }
+  }
+  return stride == -1 ? 0 : stride;
+}
+
+// The statistics of one layer in the kernels' layout, as the accumulation type: statistic
+// k = (i / inner) % nstat of neuron i, and per statistic mu, 1 / (std + eps), tau (std + eps).
+// Made at each call from the caller's mean and std, so no derived value outlives a change to
+// them; a negative std is refused (a zero one is warned about where the op plans a layout, in
+// Python, once per process). Mean and std whose layouts differ, runs of equal statistics shorter than kMinRun, and
+// statistics that repeat along the row (inner == 1, nstat < m) are expanded to one per neuron.
+constexpr int64_t kMinRun = 16;
+
+template <typename acc>
+void derive_stats(Layer& L, const std::string& name, const at::Tensor& mean,
+                  const at::Tensor& std_, int64_t inner_mu, int64_t inner_sd, double tau, double eps,
+                  std::vector<acc>& out) {
+  const int64_t n_mu = mean.numel(), n_sd = std_.numel();
+  int64_t inner = inner_mu, nstat = n_mu;
+  if (inner_mu != inner_sd || n_mu != n_sd || (inner > 1 && inner < kMinRun) ||
+      (inner == 1 && nstat != L.m)) {
+    inner = 1;
+    nstat = L.m;
+  }
+  const size_t base = out.size();
+  out.resize(base + 3 * nstat);
+  acc* mu = out.data() + base;
+  acc* inv_s = mu + nstat;
+  acc* tau_s = inv_s + nstat;
+  double lowest = std::numeric_limits<double>::infinity();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mean.scalar_type(), "mean", [&] {
+    const scalar_t* p = mean.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < nstat; ++k) mu[k] = acc(p[(k * inner / inner_mu) % n_mu]);
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, std_.scalar_type(), "std", [&] {
+    const scalar_t* p = std_.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < nstat; ++k) {
+      const acc sd = acc(p[(k * inner / inner_sd) % n_sd]);
+      lowest = std::min(lowest, double(sd));
+      const acc s = sd + acc(eps);
+      inv_s[k] = acc(1) / s;
+      tau_s[k] = acc(tau) * s;
+    }
+  });
+  TORCH_CHECK_VALUE(!(lowest < 0), name, " must be >= 0 (a standard deviation), got a minimum of ",
+                    lowest);
+  L.mu = mu;
+  L.inv_s = inv_s;
+  L.tau_s = tau_s;
+  L.inner = inner;
+  L.nstat = nstat;
+}
+
+// The CPU kernel of the op's contract (medic_fast/ops/importance_clone.py, _check_args):
+// per layer t, c, g of one dtype and shape, rows = the dims before start_dim, viewable as
+// [rows, m] with unit inner stride (the caller copies other layouts); mean and std contiguous
+// of any float dtype, statistic (i / inner) % numel for neuron i. The loss in float64 if a
+// layer is float64, else float32; the gradient per layer in the shape and dtype of c.
 std::tuple<at::Tensor, std::vector<at::Tensor>> importance_clone_loss_cpu(
-    at::TensorList t, at::TensorList c, at::TensorList g, at::TensorList mu,
-    at::TensorList inv_s, at::TensorList tau_s, at::IntArrayRef inner, double tau,
-    bool is_signed, at::ArrayRef<double> row_scale, bool reduce_rows, bool need_grad) {
+    at::TensorList t, at::TensorList c, at::TensorList g, at::TensorList mean,
+    at::TensorList std_, at::IntArrayRef start_dim, at::IntArrayRef mean_inner,
+    at::IntArrayRef std_inner, double tau, double eps, int64_t criterion,
+    at::ArrayRef<double> row_scale, bool reduce_rows, bool need_grad) {
   const int64_t nl = static_cast<int64_t>(t.size());
   TORCH_CHECK(nl > 0, "importance_clone_loss: no layers");
-  TORCH_CHECK(c.size() == t.size() && g.size() == t.size() && mu.size() == t.size() &&
-                  inv_s.size() == t.size() && tau_s.size() == t.size() &&
-                  static_cast<int64_t>(inner.size()) == nl &&
-                  static_cast<int64_t>(row_scale.size()) == nl,
-              "importance_clone_loss: per-layer lists differ in length");
-  const auto acc_dtype = t[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  std::vector<Layer> layers;
-  std::vector<at::Tensor> dcs;
-  std::vector<at::Tensor> row_losses;
-  std::vector<std::pair<int64_t, int64_t>> shapes;
+  for (size_t n : {c.size(), g.size(), mean.size(), std_.size(), start_dim.size(),
+                   mean_inner.size(), std_inner.size(), row_scale.size()})
+    TORCH_CHECK(static_cast<int64_t>(n) == nl,
+                "importance_clone_loss: per-layer lists differ in length");
+  TORCH_CHECK(criterion == 0 || criterion == 1, "importance_clone_loss: criterion must be 0 ",
+              "(abs) or 1 (signed), got ", criterion);
+  const bool is_signed = criterion == 1;
+  bool wide = false;
+  int64_t n_float = 0, n_double = 0;
+  std::vector<Layer> layers(nl);
+  std::vector<at::IntArrayRef> shapes;
   std::vector<at::TensorOptions> dc_opts;
   for (int64_t l = 0; l < nl; ++l) {
     const auto& x = t[l];
-    TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "layer ", l, ": expected CPU [rows, m]");
-    const int64_t rows = x.size(0), m = x.size(1);
-    for (const auto* y : {&c[l], &g[l]}) {
-      TORCH_CHECK(y->sizes() == x.sizes() && y->scalar_type() == x.scalar_type(),
-                  "layer ", l, ": t, c, g must share shape and dtype");
-      TORCH_CHECK(m == 1 || y->stride(1) == 1, "layer ", l, ": unit stride along m expected");
+    const int64_t sd = start_dim[l];
+    TORCH_CHECK(x.device().is_cpu() && sd >= 0 && sd < x.dim(), "layer ", l,
+                ": expected a CPU tensor with a feature dim at start_dim=", sd);
+    const int64_t rows = c10::multiply_integers(x.sizes().slice(0, sd));
+    const int64_t m = c10::multiply_integers(x.sizes().slice(sd));
+    int64_t strides[3];
+    for (int i = 0; i < 3; ++i) {
+      const auto& y = i == 0 ? t[l] : i == 1 ? c[l] : g[l];
+      TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type() &&
+                      y.device().is_cpu(),
+                  "layer ", l, ": t, c, g must share shape, dtype and device");
+      strides[i] = row_stride(y, sd);
+      TORCH_CHECK(strides[i] >= 0, "layer ", l, ": ", "tcg"[i], " cannot be viewed as [rows, m] ",
+                  "with unit inner stride");
     }
-    TORCH_CHECK(m == 1 || x.stride(1) == 1, "layer ", l, ": unit stride along m expected");
-    const int64_t nstat = mu[l].numel();
-    TORCH_CHECK(inner[l] >= 1 && nstat >= 1 && (inner[l] > 1 || nstat == m) &&
-                    (inner[l] == 1 || m % (inner[l] * nstat) == 0),
-                "layer ", l, ": statistics layout (inner=", inner[l], ", nstat=", nstat,
-                ") does not fit m=", m);
-    for (const auto* s : {&mu[l], &inv_s[l], &tau_s[l]})
-      TORCH_CHECK(s->is_contiguous() && s->scalar_type() == acc_dtype && s->numel() == nstat,
-                  "layer ", l, ": statistics must be contiguous ", acc_dtype, " of equal length");
-    shapes.emplace_back(rows, m);
-    dc_opts.push_back(x.options());
-    row_losses.push_back(at::empty({rows}, x.options().dtype(acc_dtype)));
-    layers.push_back({x.scalar_type(), x.data_ptr(), c[l].data_ptr(), g[l].data_ptr(),
-                      x.stride(0), c[l].stride(0), g[l].stride(0),
-                      nullptr, mu[l].data_ptr(),
-                      inv_s[l].data_ptr(), tau_s[l].data_ptr(), rows, m, inner[l], nstat,
-                      row_scale[l]});
+    for (const auto* s : {&mean[l], &std_[l]})
+      TORCH_CHECK(s->is_contiguous() && s->numel() >= 1 && s->is_floating_point() &&
+                      s->device().is_cpu(),
+                  "layer ", l, ": statistics must be contiguous CPU float tensors");
+    for (int64_t inner : {mean_inner[l], std_inner[l]})
+      TORCH_CHECK(inner >= 1, "layer ", l, ": inner must be >= 1");
+    TORCH_CHECK(m % (mean_inner[l] * mean[l].numel()) == 0 &&
+                    m % (std_inner[l] * std_[l].numel()) == 0,
+                "layer ", l, ": statistics layout does not fit m=", m);
+    const bool dbl = x.scalar_type() == at::kDouble;
+    wide |= dbl;
+    (dbl ? n_double : n_float) += 3 * m;
+    layers[l] = Layer{x.scalar_type(), x.data_ptr(), c[l].data_ptr(), g[l].data_ptr(),
+                      strides[0], strides[1], strides[2], nullptr, nullptr, nullptr, nullptr,
+                      rows, m, 1, 1, row_scale[l]};
+    shapes.push_back(c[l].sizes());
+    dc_opts.push_back(c[l].options());
   }
+  // Statistics in the kernels' layout; reserved first, so that pointers into them stay valid.
+  std::vector<float> f_stats;
+  std::vector<double> d_stats;
+  f_stats.reserve(n_float);
+  d_stats.reserve(n_double);
+  for (int64_t l = 0; l < nl; ++l) {
+    const std::string name = nl > 1 ? "std (layer " + std::to_string(l) + ")" : "std";
+    if (layers[l].dtype == at::kDouble)
+      derive_stats<double>(layers[l], name, mean[l], std_[l], mean_inner[l], std_inner[l], tau,
+                           eps, d_stats);
+    else
+      derive_stats<float>(layers[l], name, mean[l], std_[l], mean_inner[l], std_inner[l], tau,
+                          eps, f_stats);
+  }
+  std::vector<at::Tensor> dcs;
   if (need_grad) {
     dcs = empty_outputs(shapes, dc_opts);
     for (int64_t l = 0; l < nl; ++l) layers[l].dc = dcs[l].data_ptr();
   }
+  // Per-row losses, in the accumulation type of each layer (plain buffers: no tensor ops).
+  std::vector<float> f_rows;
+  std::vector<double> d_rows;
+  std::vector<int64_t> row_base(nl);
+  for (int64_t l = 0; l < nl; ++l) {
+    const bool dbl = layers[l].dtype == at::kDouble;
+    row_base[l] = dbl ? d_rows.size() : f_rows.size();
+    dbl ? d_rows.resize(d_rows.size() + layers[l].rows)
+        : f_rows.resize(f_rows.size() + layers[l].rows);
+  }
+  auto row_loss = [&](int64_t l) -> void* {
+    return layers[l].dtype == at::kDouble ? static_cast<void*>(d_rows.data() + row_base[l])
+                                          : static_cast<void*>(f_rows.data() + row_base[l]);
+  };
 
   // Whole rows per task when there are enough rows to keep every thread busy; the rows are
   // dealt out in contiguous runs of equal cost (neurons), as layers differ in row length.
@@ -798,7 +912,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> importance_clone_loss_cpu(
         const Layer& L = layers[l];
         MF_DISPATCH(L.dtype, "importance_clone_loss_rows", [&] {
           using acc = typename IO<scalar_t>::acc;
-          rows_task<scalar_t>(L, b0, b1, tau, is_signed, row_losses[l].data_ptr<acc>());
+          rows_task<scalar_t>(L, b0, b1, tau, is_signed, static_cast<acc*>(row_loss(l)));
         });
       }
     });
@@ -807,37 +921,47 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> importance_clone_loss_cpu(
       const Layer& L = layers[l];
       MF_DISPATCH(L.dtype, "importance_clone_loss_split", [&] {
         using acc = typename IO<scalar_t>::acc;
-        split_rows<scalar_t>(L, tau, is_signed, row_losses[l].data_ptr<acc>());
+        split_rows<scalar_t>(L, tau, is_signed, static_cast<acc*>(row_loss(l)));
       });
     }
   }
 
-  // Reduce in a fixed order, so the result does not depend on the number of threads.
-  at::Tensor loss;
+  // Reduce in a fixed order, so the result does not depend on the number of threads. The
+  // row losses of a layer are scaled by its row_scale, in both reductions.
+  auto row = [&](int64_t l, int64_t b) {
+    return layers[l].dtype == at::kDouble ? d_rows[row_base[l] + b]
+                                          : double(f_rows[row_base[l] + b]);
+  };
+  const auto loss_opts = at::TensorOptions().dtype(wide ? at::kDouble : at::kFloat);
   if (reduce_rows) {
     double total = 0;
-    for (int64_t l = 0; l < nl; ++l)
-      total += row_scale[l] * row_losses[l].sum(at::kDouble).item<double>();
-    loss = at::scalar_tensor(total, t[0].options().dtype(acc_dtype));
-  } else {
-    loss = row_losses[0].clone();
-    for (int64_t l = 1; l < nl; ++l) {
-      TORCH_CHECK(row_losses[l].numel() == loss.numel(), "reduction='none' needs equal rows");
-      loss.add_(row_losses[l]);
+    for (int64_t l = 0; l < nl; ++l) {
+      double sum = 0;
+      for (int64_t b = 0; b < layers[l].rows; ++b) sum += row(l, b);
+      total += row_scale[l] * sum;
     }
+    return {at::scalar_tensor(total, loss_opts), dcs};
   }
-  std::vector<at::Tensor> out;
-  if (need_grad) out = dcs;
-  return {loss, out};
+  const int64_t rows = layers[0].rows;
+  for (const auto& L : layers)
+    TORCH_CHECK(L.rows == rows, "reduction='none' needs equal rows in every layer");
+  std::vector<double> total(rows, 0.0);
+  for (int64_t l = 0; l < nl; ++l)
+    for (int64_t b = 0; b < rows; ++b) total[b] += row_scale[l] * row(l, b);
+  at::Tensor loss = at::empty({rows}, loss_opts);
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "loss", [&] {
+    std::copy(total.begin(), total.end(), loss.data_ptr<scalar_t>());
+  });
+  return {loss, dcs};
 }
 
 }  // namespace
 
-// The CPU kernel of medic_fast::importance_clone_loss. The op (schema, fake and autograd kernels)
-// is defined in Python, medic_fast/ops/importance_clone.py; the dispatcher takes a kernel before
+// The CPU kernel of medic_fast::importance_clone_loss_cpu. The op (schema and fake kernel) is
+// defined in Python, medic_fast/ops/importance_clone.py; the dispatcher takes a kernel before
 // or after its op's definition, so the order in which the two load does not matter.
 TORCH_LIBRARY_IMPL(medic_fast, CPU, m) {
-  m.impl("importance_clone_loss", &importance_clone_loss_cpu);
+  m.impl("importance_clone_loss_cpu", &importance_clone_loss_cpu);
 }
 
 }  // namespace medic_fast

@@ -1,47 +1,38 @@
 """Triton kernels of the importance clone loss (DESIGN.md §1): the loss and ``d loss / d acts_c``
-in one pass over ``t``, ``g``, ``c``.
+in one pass over ``t``, ``g``, ``c``; and the backward's scale.
 
-:func:`forward` is the CUDA kernel of the op ``medic_fast::importance_clone_loss`` (see
-:mod:`medic_fast.ops.importance_clone`); the tests run it on CPU tensors under
+:func:`forward` is the op's kernel for CUDA tensors (see :mod:`medic_fast.ops.importance_clone`),
+launched per layer with the layer's tensors as arguments: no launch tables, nothing copied from
+the host, so a call can be captured in a CUDA graph. The tests run it on CPU tensors under
 ``TRITON_INTERPRET=1``.
 
-The layers of one dtype (and alignment) share three grouped launches. An int64 table holds, per
-layer, a :class:`Layer` row: its data pointers, strides, shape and work split; each program finds
-its layer by counting the layers whose first program id is at or below its own (one vectorised
-load per 64 layers).
+Each layer is ``[rows, m]`` (unit stride along ``m``, any row stride). The statistics are the
+caller's ``mean`` and ``std`` (any float dtype; statistic ``(i // inner) % numel`` of neuron ``i``):
+``1 / (std + eps)`` and ``tau (std + eps)`` are computed in registers, so no derived value is kept
+between calls.
 
-1. ``_partials_kernel``, one program per (layer, row, split), a split being a run of ``BLOCK``-wide
-   tiles of one row: one pass with an online softmax of ``a`` and ``q``. It keeps the running
-   maxima ``Ma``, ``Mq`` (one block reduction each per tile) and per-lane sums ``Sa = sum h_a^2``,
-   ``Sq = sum h_q^2``, ``N = sum h_a h_q r^2`` with ``h_a = exp((a - Ma) / 2)``, ``h_q = exp((q -
-   Mq) / 2)``: two exps per element, no sqrt, sums reduced once per split.
-   With the gradient, each tile stores ``-2 * row_scale * w_i * r_i * inv_s_i`` where ``w`` are the
-   weights of the row seen so far (normalised by the running sums, reduced per tile) and records
-   its maxima and log-sums. These prefix gradients are never smaller than the final ones, so a
-   16-bit gradient underflows no earlier than when written once. They can be much larger,
-   though: where the split's prefix holds a tiny share of the row's softmax mass (on a GPU a
-   split is often a single tile) its weights are near 1 instead of near 0, and such a tile could
-   overflow fp16 (65504) before the rescale brings it down. So an fp16 tile of a row that gets
-   rescaled is stored times ``2**-e`` (``e >= 0`` an integer that puts its largest value under
-   ``2**14``; ``e = 0`` unless it would come near the limit), and ``e`` is added to the tile's
-   recorded log-norm, which the rescale divides by. A power of two changes no rounding (but for
-   fp16 subnormals, values 2**27 below the tile's largest): the gradient is rounded as if the
-   tile had been stored unscaled, and nothing is stored beyond the tile record. (bf16 has the
-   exponent range of fp32: it cannot overflow before fp32 does.)
-2. ``_merge_kernel``, one program per (layer, block of rows): merges the splits of each row into
-   ``loss_b = N / sqrt(Sa * Sq)`` at the row maxima, and keeps the row statistics for step 3.
-3. ``_rescale_kernel`` (gradient only, layers whose rows span several tiles): scales each tile of
-   the gradient in place by ``exp((ma_t - Ma + mq_t - Mq) / 2) * sqrt(Sa_t Sq_t / (Sa Sq))``.
-   Rows of a single tile already hold their final gradient.
+1. Rows of at most :data:`ROW_MAX` neurons: ``_row_kernel``, one pass. A program holds a whole
+   row (or a block of short rows) in registers: exact row maxima of ``a`` and ``q``, their sums,
+   the loss, then ``dc`` written once at its final value. Bytes per element: read ``t, g, c``,
+   write ``dc`` (4E, the floor), or 3E for the loss alone. The grid is persistent: each program
+   loads the statistics once and walks rows ``pid, pid + programs, ...``.
+2. Longer rows: split across programs (tiles of :data:`SPLIT_BLOCK`).
+   ``_split_kernel``, one program per (row, split): one pass with an online softmax (running
+   maxima, per-lane sums ``Sa = sum h_a^2``, ``Sq = sum h_q^2``, ``N = sum h_a h_q r^2`` with
+   ``h = exp((x - M) / 2)``) and, with the gradient, each tile's provisional ``dc`` from the
+   weights of the row seen so far, and the tile's maxima and log-norm. These prefix gradients are
+   never smaller than the final ones; an fp16 tile that could come near 65504 before the rescale
+   brings it down is stored times ``2**-e`` (``e`` folded into its log-norm; a power of two
+   changes no rounding). ``_finish_kernel``, one program per (row, split): merges the row's split
+   partials itself (no separate merge launch), writes the row loss (split 0) and rescales its
+   tiles of ``dc`` in place. Bytes: 6E with the gradient, 3E without.
+3. ``_scale_kernel`` (the backward, eager): multiplies a flat gradient buffer by the incoming
+   gradient read on the device, and stores nothing when it is 1 (no host sync either way).
 
-Bytes per element (``E`` = bytes of the input dtype): the loss alone reads ``t, g, c`` (3E); loss
-and gradient read them and write ``dc`` once (4E) when rows fit in one tile, plus one read and one
-write of ``dc`` (6E) otherwise, for every dtype (the fp16 scale lives in the tile record: 3
-accumulator words per tile, as without it). The statistics (per channel or per neuron, shared by
-all rows) come from cache. Rows that start on 16 bytes use 16-byte loads and stores.
-
-Host side, per launch group: one table built on the host and copied to the device without
-blocking it (pinned memory), launched on the tensors' device (see :func:`forward`).
+The loss: each row kernel writes one partial sum per program (or one value per row for
+``reduction="none"``), the finish kernel one per row, all into one buffer per call; the caller
+sums it. Launches run through the compiled kernel handle once a layer's plan has one
+(:class:`Launch`), not through ``JITFunction.run``'s argument binding at every call.
 """
 from __future__ import annotations
 
@@ -53,132 +44,82 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK, num_warps) of the partials and rescale kernels per input dtype: 8 elements per thread,
-# 16-byte loads for 16-bit inputs, no spills at sm_80 / sm_90 (see ``python -m ...kernels.aot``).
-CONFIGS = {
-    torch.float32: (2048, 8),
-    torch.bfloat16: (2048, 8),
-    torch.float16: (2048, 8),
-    torch.float64: (1024, 8),
-}
-MERGE_ROWS, MERGE_WARPS = 256, 4
-TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
-             torch.float64: tl.float64}
-# Programs per layer to aim for when splitting rows, per streaming multiprocessor (CUDA), and on
-# CPU under the interpreter, where there is no device to fill.
+# Rows of up to ROW_MAX[dtype] neurons take the one-pass row kernel, the rest are split. Chosen
+# from the spill report of the AOT compile (benchmarks/RESULTS.md §6): the largest power-of-two
+# row block that compiles for both sm_80 and sm_90 without spills, at 8, 16 and 32 warps alike
+# (8192 fits sm_80 but spills 184-256 bytes on sm_90; fp64 spills from 4096).
+ROW_MAX = {torch.float32: 4096, torch.bfloat16: 4096, torch.float16: 4096, torch.float64: 2048}
+ROW_WARPS = 16
+# Short rows share a program: about ROW_TILE elements per iteration of the row loop.
+ROW_TILE = 2048
+# (BLOCK, num_warps) of the split kernels per dtype: 8 elements per thread, 16-byte accesses.
+SPLIT = {torch.float32: (2048, 8), torch.bfloat16: (2048, 8), torch.float16: (2048, 8),
+         torch.float64: (1024, 8)}
+SCALE_BLOCK, SCALE_WARPS = 4096, 8
+# Programs to aim for per streaming multiprocessor (CUDA), and on CPU under the interpreter.
 _PROGRAMS_PER_SM, _PROGRAMS_INTERPRETER = 4, 8
 # Column indices are int32 and statistic indices use _magic (exact below 2**31).
 _MAX_M = 2**30
-
-
-class Layer(NamedTuple):
-    """One row of the int64 layer table, one row per layer of a launch group."""
-
-    t: int  # data pointers
-    c: int
-    g: int
-    dc: int
-    mu: int
-    inv_s: int
-    tau_s: int
-    stride_t: int  # row strides, in elements
-    stride_c: int
-    stride_g: int
-    m: int
-    rows: int
-    # statistic k = (i // inner) % nstat, divisions by multiply-and-shift (see _magic)
-    inner_mul: int
-    inner_shift: int
-    nstat: int
-    nstat_mul: int
-    nstat_shift: int
-    nsplit: int  # splits per row, tiles per split, tiles per row
-    per: int
-    ntiles: int
-    part_base: int  # the layer's first entry in the split-partials, per-row and tile buffers
-    row_base: int
-    tile_base: int
-    rescale: int  # whether its gradient needs the rescale pass
-    first_partial: int  # the layer's first program id in each of the three launches
-    first_merge: int
-    first_rescale: int
-
-
-class LayerScalars(NamedTuple):
-    """One row of the float layer table (accumulation dtype)."""
-
-    loss_scale: float
-    grad_scale: float
-    tau: float
-
-
-class _Columns(tl.constexpr):
-    """Column indices of a table, by field name: ``_COL.m`` is the index of field ``m``.
-
-    One constexpr global, so the kernels may read it: the compiler unwraps a constexpr to its
-    value (a namedtuple of ints), the interpreter reads the field through ``__getattr__``.
-    Both sides of the table derive from the namedtuple's fields, so its columns cannot drift.
-    """
-
-    def __getattr__(self, name):
-        if name.startswith("_") or name == "value":  # copy/pickle probes, and before __init__
-            raise AttributeError(name)
-        return getattr(self.value, name)
-
-
-_COL = _Columns(Layer(*range(len(Layer._fields))))
-_FCOL = _Columns(LayerScalars(*range(len(LayerScalars._fields))))
-_NCOLS = tl.constexpr(len(Layer._fields))
-_NFCOLS = tl.constexpr(len(LayerScalars._fields))
-_LAYER_CHUNK = tl.constexpr(64)
 # The kernels keep a and q (and their maxima) multiplied by log2(e) / 2: h = exp((a - M) / 2)
 # is then one exp2, and sums are normalised with log2.
-_HALF_LOG2E = tl.constexpr(0.5 * math.log2(math.e))
+_HALF_LOG2E = 0.5 * math.log2(math.e)
 
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _locate(tab, n_layers, FIRST: tl.constexpr):
-    """This program's layer, and its index among the layer's programs.
-
-    Column ``FIRST`` holds each layer's first program id (non-decreasing): the layer is the last
-    one starting at or before this program, which skips layers given no programs.
-    """
+def _row_kernel(t, c, g, dc, mean, std, out, rows, m, st, sc, sg, mu_inner, mu_n, sd_inner, sd_n,
+                tau_hl, eps, row_scale, out_base, SIGNED: tl.constexpr, NEED_GRAD: tl.constexpr,
+                PER_ROW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                ROWS: tl.constexpr):
+    """Loss (and gradient) of rows ``pid * ROWS + k * programs * ROWS + [0, ROWS)``, whole rows in
+    registers. ``out[out_base + pid]``: the program's ``row_scale * sum_b loss_b``; with PER_ROW,
+    ``out[out_base + b] = row_scale * loss_b`` instead."""
     pid = tl.program_id(0)
-    layer = -1
-    for base in range(0, n_layers, _LAYER_CHUNK):
-        idx = base + tl.arange(0, _LAYER_CHUNK)
-        first = tl.load(tab + idx * _NCOLS + FIRST, mask=idx < n_layers, other=0)
-        layer += tl.sum(((first <= pid) & (idx < n_layers)).to(tl.int32))
-    layer = layer.to(tl.int64)
-    return layer, pid - tl.load(tab + layer * _NCOLS + FIRST)
-
-
-@triton.jit
-def _split_range(lay, j):
-    """Row and tile range ``[lo, hi)`` of program ``j`` of a layer in a (row, split) launch."""
-    nsplit = tl.load(lay + _COL.nsplit)
-    row = j // nsplit
-    per = tl.load(lay + _COL.per).to(tl.int32)
-    lo = (j - row * nsplit).to(tl.int32) * per
-    return row, lo, tl.minimum(lo + per, tl.load(lay + _COL.ntiles).to(tl.int32))
-
-
-@triton.jit
-def _row_ptr(lay, col, row, stride, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Pointer to the start of ``row`` of the tensor at table column ``col``."""
-    ptr = tl.load(lay + col).to(tl.pointer_type(DTYPE)) + row * stride
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
-
-
-@triton.jit
-def _row_len(lay, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """``m``; with ALIGNED a multiple of 16 bytes, so masked tiles still use 16-byte accesses."""
-    m = tl.load(lay + _COL.m).to(tl.int32)
-    if ALIGNED:
-        m = tl.multiple_of(m, 128 // DTYPE.primitive_bitwidth)
-    return m
+    nprog = tl.num_programs(0)
+    i = tl.arange(0, BLOCK)
+    imask = i < m
+    # The statistics, once per program: mu, 1 / s and tau s log2(e) / 2, with s = std + eps.
+    mu = tl.load(mean + (i // mu_inner) % mu_n, mask=imask, other=0.0).to(ACC)
+    s = tl.load(std + (i // sd_inner) % sd_n, mask=imask, other=1.0).to(ACC) + eps
+    inv = (1.0 / s)[None, :]
+    kq = (tau_hl * s)[None, :]
+    mu = mu[None, :]
+    col = i[None, :]
+    total = tl.zeros((ROWS,), ACC)
+    for r0 in range(pid * ROWS, rows, nprog * ROWS):
+        r = r0 + tl.arange(0, ROWS)
+        rmask = r < rows
+        mask = rmask[:, None] & imask[None, :]
+        r64 = r.to(tl.int64)[:, None]
+        tv = tl.load(t + r64 * st + col, mask=mask, other=0.0).to(ACC)
+        cv = tl.load(c + r64 * sc + col, mask=mask, other=0.0).to(ACC)
+        rr = (tv - cv) * inv
+        z = (tv - mu) * inv
+        if not SIGNED:
+            z = tl.abs(z)
+        a = tl.where(mask, tau_hl * z, float("-inf"))
+        gv = tl.load(g + r64 * sg + col, mask=mask, other=0.0).to(ACC)
+        q = tl.where(mask, gv * kq, float("-inf"))
+        ma = tl.where(rmask, tl.max(a, 1), 0.0)
+        mq = tl.where(rmask, tl.max(q, 1), 0.0)
+        ha = tl.exp2(a - ma[:, None])
+        hq = tl.exp2(q - mq[:, None])
+        ss = tl.where(rmask, tl.sum(ha * ha, 1) * tl.sum(hq * hq, 1), 1.0)
+        norm = 1.0 / tl.sqrt(ss)
+        w = ha * hq
+        loss = tl.sum(w * rr * rr, 1) * norm
+        if NEED_GRAD:
+            d = ((-2.0 * row_scale) * norm)[:, None] * w * rr * inv
+            tl.store(dc + r64 * m + col, d.to(dc.dtype.element_ty), mask=mask)
+        if PER_ROW:
+            tl.store(out + out_base + r, loss * row_scale, mask=rmask)
+        else:
+            total += tl.where(rmask, loss, 0.0)
+    if not PER_ROW:
+        tl.store(out + out_base + pid, tl.sum(total, 0) * row_scale)
 
 
 @triton.jit
@@ -188,34 +129,34 @@ def _udiv(n, mul, shift):
 
 
 @triton.jit
-def _partials_kernel(tab, ftab, part, tiles, n_layers, SIGNED: tl.constexpr,
-                     NEED_GRAD: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """Online-softmax partials of one split of one row; with NEED_GRAD, its prefix gradient.
+def _stat_index(i, inner_mul, inner_shift, n, n_mul, n_shift):
+    """``(i // inner) % n`` by two multiply-high divisions."""
+    ch = _udiv(i, inner_mul.to(tl.uint32), inner_shift.to(tl.uint32))
+    return ch - n * _udiv(ch, n_mul.to(tl.uint32), n_shift.to(tl.uint32))
 
-    ALIGNED: every row of every layer starts on 16 bytes (and ``m`` is a multiple of 16 bytes).
-    """
-    layer, j = _locate(tab, n_layers, _COL.first_partial)
-    lay = tab + layer * _NCOLS
-    row, lo, hi = _split_range(lay, j)
-    m = _row_len(lay, DTYPE, ALIGNED)
-    t_row = _row_ptr(lay, _COL.t, row, tl.load(lay + _COL.stride_t), DTYPE, ALIGNED)
-    c_row = _row_ptr(lay, _COL.c, row, tl.load(lay + _COL.stride_c), DTYPE, ALIGNED)
-    g_row = _row_ptr(lay, _COL.g, row, tl.load(lay + _COL.stride_g), DTYPE, ALIGNED)
-    dc_row = _row_ptr(lay, _COL.dc, row, m.to(tl.int64), DTYPE, ALIGNED)
-    mu_ptr = tl.load(lay + _COL.mu).to(tl.pointer_type(ACC))
-    inv_ptr = tl.load(lay + _COL.inv_s).to(tl.pointer_type(ACC))
-    taus_ptr = tl.load(lay + _COL.tau_s).to(tl.pointer_type(ACC))
-    inner_mul = tl.load(lay + _COL.inner_mul).to(tl.uint32)
-    inner_shift = tl.load(lay + _COL.inner_shift).to(tl.uint32)
-    nstat_mul = tl.load(lay + _COL.nstat_mul).to(tl.uint32)
-    nstat_shift = tl.load(lay + _COL.nstat_shift).to(tl.uint32)
-    nstat = tl.load(lay + _COL.nstat).to(tl.int32)
-    tile_rec = tiles + (tl.load(lay + _COL.tile_base) + row * tl.load(lay + _COL.ntiles)) * 3
-    rescale = tl.load(lay + _COL.rescale) != 0
-    tau = tl.load(ftab + layer * _NFCOLS + _FCOL.tau)
-    grad_scale = tl.load(ftab + layer * _NFCOLS + _FCOL.grad_scale)
 
+@triton.jit
+def _split_kernel(t, c, g, dc, mean, std, part, tiles, m, st, sc, sg,
+                  mu_inner_mul, mu_inner_shift, mu_n, mu_n_mul, mu_n_shift,
+                  sd_inner_mul, sd_inner_shift, sd_n, sd_n_mul, sd_n_shift,
+                  nsplit, per, ntiles, tile_base, tau_hl, eps, row_scale, SIGNED: tl.constexpr,
+                  NEED_GRAD: tl.constexpr, SAME_STATS: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """Online-softmax partials of one split of one row into ``part``; with NEED_GRAD its tiles'
+    prefix gradients into ``dc`` and their records (maxima, log-norm) into ``tiles`` from
+    ``tile_base`` on (``part`` and ``tiles`` may be one buffer).
+    SAME_STATS: mean and std share one layout (one statistic index per neuron)."""
+    j = tl.program_id(0)
+    row = j // nsplit
+    lo = (j - row * nsplit).to(tl.int32) * per
+    hi = tl.minimum(lo + per, ntiles)
+    r64 = row.to(tl.int64)
+    t_row = t + r64 * st
+    c_row = c + r64 * sc
+    g_row = g + r64 * sg
+    dc_row = dc + r64 * m
+    tile_rec = tiles + tile_base + r64 * ntiles * 3
+    is_fp16: tl.constexpr = dc.dtype.element_ty == tl.float16
     ma = tl.full((), float("-inf"), ACC)
     mq = tl.full((), float("-inf"), ACC)
     # per-lane sums, relative to the running maxima: reduced once per split (and per tile for
@@ -226,20 +167,23 @@ def _partials_kernel(tab, ftab, part, tiles, n_layers, SIGNED: tl.constexpr,
     for tile in range(lo, hi):
         i = tile * BLOCK + tl.arange(0, BLOCK)
         mask = i < m
-        ch = _udiv(i, inner_mul, inner_shift)
-        k = ch - nstat * _udiv(ch, nstat_mul, nstat_shift)
-        t = tl.load(t_row + i, mask=mask, other=0.0).to(ACC)
-        c = tl.load(c_row + i, mask=mask, other=0.0).to(ACC)
-        g = tl.load(g_row + i, mask=mask, other=0.0).to(ACC)
-        mu = tl.load(mu_ptr + k, mask=mask, other=0.0)
-        inv = tl.load(inv_ptr + k, mask=mask, other=0.0)
-        tau_s = tl.load(taus_ptr + k, mask=mask, other=0.0)
-        z = (t - mu) * inv
+        k_mu = _stat_index(i, mu_inner_mul, mu_inner_shift, mu_n, mu_n_mul, mu_n_shift)
+        if SAME_STATS:
+            k_sd = k_mu
+        else:
+            k_sd = _stat_index(i, sd_inner_mul, sd_inner_shift, sd_n, sd_n_mul, sd_n_shift)
+        t_ = tl.load(t_row + i, mask=mask, other=0.0).to(ACC)
+        c_ = tl.load(c_row + i, mask=mask, other=0.0).to(ACC)
+        g_ = tl.load(g_row + i, mask=mask, other=0.0).to(ACC)
+        mu = tl.load(mean + k_mu, mask=mask, other=0.0).to(ACC)
+        s = tl.load(std + k_sd, mask=mask, other=1.0).to(ACC) + eps
+        inv = 1.0 / s
+        z = (t_ - mu) * (tau_hl * inv)
         if not SIGNED:
             z = tl.abs(z)
-        a = tl.where(mask, tau * z, float("-inf"))
-        q = tl.where(mask, tau_s * g * _HALF_LOG2E, float("-inf"))
-        r = (t - c) * inv
+        a = tl.where(mask, z, float("-inf"))
+        q = tl.where(mask, (tau_hl * s) * g_, float("-inf"))
+        r = (t_ - c_) * inv
         ma_new = tl.maximum(ma, tl.max(a, 0))
         mq_new = tl.maximum(mq, tl.max(q, 0))
         ea = tl.exp2(ma - ma_new)
@@ -253,25 +197,22 @@ def _partials_kernel(tab, ftab, part, tiles, n_layers, SIGNED: tl.constexpr,
         ma, mq = ma_new, mq_new
         if NEED_GRAD:
             ss = tl.sum(sa, 0) * tl.sum(sq, 0)
-            d = grad_scale / tl.sqrt(ss) * w * r * inv
-            if rescale:
-                log_norm = 0.5 * tl.log2(ss)
-                if DTYPE == tl.float16:
-                    # Keep the provisional tile below fp16's overflow: store it times 2**-e,
-                    # e >= 0 an integer putting its largest value under 2**14 (2**15 if log2 is
-                    # off by one), and fold e into the tile's log-norm, which the rescale
-                    # divides by. A power of two: values are rounded as if stored unscaled.
-                    top = tl.maximum(tl.max(tl.abs(d), 0), 1.0)
-                    e = tl.maximum(tl.floor(tl.log2(top)) - 13.0, 0.0)
-                    d = d * tl.exp2(-e)
-                    log_norm = log_norm + e
-                rec = tile_rec + tile * 3
-                tl.store(rec, ma)
-                tl.store(rec + 1, mq)
-                tl.store(rec + 2, log_norm)
-            tl.store(dc_row + i, d.to(DTYPE), mask=mask)
-
-    rec = part + (tl.load(lay + _COL.part_base) + j) * 5
+            d = (-2.0 * row_scale) / tl.sqrt(ss) * w * r * inv
+            log_norm = 0.5 * tl.log2(ss)
+            if is_fp16:
+                # Keep the provisional tile below fp16's overflow: store it times 2**-e, e >= 0
+                # an integer putting its largest value under 2**14 (2**15 if log2 is off by
+                # one), and fold e into the tile's log-norm, which the rescale divides by.
+                top = tl.maximum(tl.max(tl.abs(d), 0), 1.0)
+                e = tl.maximum(tl.floor(tl.log2(top)) - 13.0, 0.0)
+                d = d * tl.exp2(-e)
+                log_norm = log_norm + e
+            rec = tile_rec + tile * 3
+            tl.store(rec, ma)
+            tl.store(rec + 1, mq)
+            tl.store(rec + 2, log_norm)
+            tl.store(dc_row + i, d.to(dc.dtype.element_ty), mask=mask)
+    rec = part + j.to(tl.int64) * 5
     tl.store(rec, ma)
     tl.store(rec + 1, tl.sum(sa, 0))
     tl.store(rec + 2, mq)
@@ -280,64 +221,61 @@ def _partials_kernel(tab, ftab, part, tiles, n_layers, SIGNED: tl.constexpr,
 
 
 @triton.jit
-def _merge_kernel(tab, ftab, part, loss, rowstat, n_layers, ACC: tl.constexpr, ROWS: tl.constexpr):
-    """Per-row loss (times the loss scale) from the split partials; row statistics for rescaling."""
-    layer, j = _locate(tab, n_layers, _COL.first_merge)
-    lay = tab + layer * _NCOLS
-    b = j * ROWS + tl.arange(0, ROWS)
-    mask = b < tl.load(lay + _COL.rows)
-    nsplit = tl.load(lay + _COL.nsplit)
-    rec = part + (tl.load(lay + _COL.part_base) + b * nsplit) * 5
-    ma = tl.full((ROWS,), float("-inf"), ACC)
-    mq = tl.full((ROWS,), float("-inf"), ACC)
-    sa = tl.zeros((ROWS,), ACC)
-    sq = tl.zeros((ROWS,), ACC)
-    num = tl.zeros((ROWS,), ACC)
-    for s in range(nsplit):
-        p = rec + s * 5
-        ma_s = tl.load(p, mask=mask, other=0.0)
-        mq_s = tl.load(p + 2, mask=mask, other=0.0)
-        ma_new = tl.maximum(ma, ma_s)
-        mq_new = tl.maximum(mq, mq_s)
-        ea, fa = tl.exp2(ma - ma_new), tl.exp2(ma_s - ma_new)
-        eq, fq = tl.exp2(mq - mq_new), tl.exp2(mq_s - mq_new)
-        sa = sa * (ea * ea) + tl.load(p + 1, mask=mask, other=1.0) * (fa * fa)
-        sq = sq * (eq * eq) + tl.load(p + 3, mask=mask, other=1.0) * (fq * fq)
-        num = num * (ea * eq) + tl.load(p + 4, mask=mask, other=0.0) * (fa * fq)
-        ma, mq = ma_new, mq_new
+def _finish_kernel(dc, part, tiles, out, m, nsplit, per, ntiles, tile_base, progs, row_scale,
+                   out_base,
+                   NEED_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                   NSPLIT: tl.constexpr):
+    """Merge the split partials of one row; split 0 writes ``out[out_base + row] = row_scale *
+    loss``; with NEED_GRAD each program (``progs`` per row) rescales its split's tiles of ``dc``
+    from the weights their partials saw to the weights of the row."""
+    pid = tl.program_id(0)
+    row = pid // progs
+    j = pid - row * progs
+    r64 = row.to(tl.int64)
+    k = tl.arange(0, NSPLIT)
+    kmask = k < nsplit
+    rec = part + (r64 * nsplit + k) * 5
+    ma_s = tl.load(rec, mask=kmask, other=float("-inf"))
+    mq_s = tl.load(rec + 2, mask=kmask, other=float("-inf"))
+    ma = tl.max(ma_s, 0)
+    mq = tl.max(mq_s, 0)
+    fa = tl.exp2(ma_s - ma)
+    fq = tl.exp2(mq_s - mq)
+    sa = tl.sum(tl.load(rec + 1, mask=kmask, other=0.0) * (fa * fa), 0)
+    sq = tl.sum(tl.load(rec + 3, mask=kmask, other=0.0) * (fq * fq), 0)
+    num = tl.sum(tl.load(rec + 4, mask=kmask, other=0.0) * (fa * fq), 0)
     ss = sa * sq
-    out = tl.load(lay + _COL.row_base) + b
-    scale = tl.load(ftab + layer * _NFCOLS + _FCOL.loss_scale)
-    tl.store(loss + out, num / tl.sqrt(ss) * scale, mask=mask)
-    if tl.load(lay + _COL.rescale) != 0:
-        tl.store(rowstat + out * 3, ma, mask=mask)
-        tl.store(rowstat + out * 3 + 1, mq, mask=mask)
-        tl.store(rowstat + out * 3 + 2, 0.5 * tl.log2(ss), mask=mask)
+    if j == 0:
+        tl.store(out + out_base + row, num / tl.sqrt(ss) * row_scale)
+    if NEED_GRAD:
+        ls = 0.5 * tl.log2(ss)
+        lo = j.to(tl.int32) * per
+        hi = tl.minimum(lo + per, ntiles)
+        dc_row = dc + r64 * m
+        tile_rec = tiles + tile_base + r64 * ntiles * 3
+        for tile in range(lo, hi):
+            rec_t = tile_rec + tile * 3
+            f = tl.exp2((tl.load(rec_t) - ma) + (tl.load(rec_t + 1) - mq)
+                        + (tl.load(rec_t + 2) - ls))
+            i = tile * BLOCK + tl.arange(0, BLOCK)
+            mask = i < m
+            d = tl.load(dc_row + i, mask=mask, other=0.0).to(ACC)
+            tl.store(dc_row + i, (d * f).to(dc.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rescale_kernel(tab, rowstat, tiles, n_layers, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """Scale each gradient tile from the weights its partials saw to the weights of the row."""
-    layer, j = _locate(tab, n_layers, _COL.first_rescale)
-    lay = tab + layer * _NCOLS
-    row, lo, hi = _split_range(lay, j)
-    stat = rowstat + (tl.load(lay + _COL.row_base) + row) * 3
-    ma, mq, ls = tl.load(stat), tl.load(stat + 1), tl.load(stat + 2)
-    m = _row_len(lay, DTYPE, ALIGNED)
-    dc_row = _row_ptr(lay, _COL.dc, row, m.to(tl.int64), DTYPE, ALIGNED)
-    tile_rec = tiles + (tl.load(lay + _COL.tile_base) + row * tl.load(lay + _COL.ntiles)) * 3
-    for tile in range(lo, hi):
-        rec = tile_rec + tile * 3
-        f = tl.exp2((tl.load(rec) - ma) + (tl.load(rec + 1) - mq) + (tl.load(rec + 2) - ls))
-        i = tile * BLOCK + tl.arange(0, BLOCK)
-        mask = i < m
-        d = tl.load(dc_row + i, mask=mask, other=0.0).to(ACC)
-        tl.store(dc_row + i, (d * f).to(DTYPE), mask=mask)
+def _scale_kernel(x, n, grad, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``x *= grad`` (a one-element tensor), and nothing stored where ``grad == 1``."""
+    gv = tl.load(grad).to(ACC)
+    if gv != 1.0:
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n
+        v = tl.load(x + i, mask=mask, other=0.0).to(ACC)
+        tl.store(x + i, (v * gv).to(x.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
-# Host side
+# Host side: plans (layout only, made once per layout) and launches
 # --------------------------------------------------------------------------------------------
 
 def _magic(d: int) -> tuple[int, int]:
@@ -350,169 +288,290 @@ def _magic(d: int) -> tuple[int, int]:
     return (1 << (31 + ell)) // d + 1, ell
 
 
-def _splits(rows: int, ntiles: int, target: int) -> tuple[int, int]:
-    """``(splits per row, tiles per split)``: about ``target`` programs for a layer, none empty."""
-    per = triton.cdiv(ntiles, max(1, min(ntiles, target // rows)))
-    return triton.cdiv(ntiles, per), per
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 @functools.lru_cache(maxsize=None)
-def _target_programs(device: torch.device) -> int:
+def target_programs(device: torch.device) -> int:
+    """Programs that fill ``device``: a few per streaming multiprocessor, or a handful on CPU
+    (the interpreter)."""
     if device.type != "cuda":
         return _PROGRAMS_INTERPRETER
     return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+class Launch:
+    """One kernel launch of a layer's plan: kernel, grid, constexprs, and the compiled handle
+    once the first launch has made it.
 
-
-def _aligned(t: torch.Tensor, c: torch.Tensor, g: torch.Tensor) -> bool:
-    """Every row of ``t, c, g`` and of the new gradient starts on 16 bytes."""
-    size = t.element_size()
-    return (t.shape[1] * size) % 16 == 0 and all(
-        x.data_ptr() % 16 == 0 and (x.stride(0) * size) % 16 == 0 for x in (t, c, g))
-
-
-def _upload(tab: list[Layer], ftab: list[LayerScalars], acc: torch.dtype,
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int64 and float layer tables on ``device``, in one copy that does not block the host.
-
-    Both go into one host buffer (the float rows as the bytes of int64 words); for CUDA it is
-    pinned and copied with ``non_blocking=True``: the CPU runs on while the copy is queued on the
-    current stream, ahead of the launches that read it (torch's pinned-memory allocator keeps the
-    buffer until the copy has run). This copy is why the op refuses CUDA-graph capture (see
-    :func:`forward`).
+    The handle skips ``JITFunction.run`` (argument binding, specialisation key, cache lookup),
+    which costs more than the kernel at small sizes. It is valid for the arguments' types and
+    Triton's specialisations (16-byte alignment of pointers; ints equal to 1 or divisible by
+    16), which the op's plan key fixes: every int comes from the plan, every pointer's alignment
+    is in the key. Not used under the interpreter, when a launch hook is set (profilers), or while
+    tracing (``wrap_triton``).
     """
-    n = len(tab) * len(Layer._fields)
-    start = n + n % 2  # the float rows start on 16 bytes, as the kernels are compiled for
-    words = -(-len(ftab) * len(LayerScalars._fields) * acc.itemsize // 8)
-    cuda = device.type == "cuda"
-    host = torch.empty(start + words, dtype=torch.int64, pin_memory=cuda)
-    host[:n] = torch.tensor(tab, dtype=torch.int64).view(-1)
-    floats = torch.tensor(ftab, dtype=acc).view(-1)
-    host[start:].view(acc)[:floats.numel()] = floats
-    table = host.to(device, non_blocking=True) if cuda else host
-    return table[:n], table[start:].view(acc)
+
+    __slots__ = ("kernel", "grid", "constexprs", "num_warps", "handle")
+
+    def __init__(self, kernel, grid, constexprs, num_warps):
+        self.kernel, self.grid, self.constexprs = kernel, grid, constexprs
+        self.num_warps, self.handle = num_warps, None
+
+    def __call__(self, *args, traced=False):
+        if traced:
+            from torch.library import wrap_triton
+
+            wrap_triton(self.kernel)[self.grid](*args, **self.constexprs,
+                                                num_warps=self.num_warps)
+            return
+        handle = self.handle
+        if handle is None or triton.knobs.runtime.launch_enter_hook is not None:
+            compiled = self.kernel[self.grid](*args, **self.constexprs, num_warps=self.num_warps)
+            if args[0].is_cuda and not hasattr(compiled, "result"):
+                self.handle = compiled
+            return
+        stream = torch._C._cuda_getCurrentRawStream(args[0].get_device())
+        handle.run(self.grid[0], 1, 1, stream, handle.function, handle.packed_metadata, None,
+                   None, triton.knobs.runtime.launch_exit_hook, *args,
+                   *self.constexprs.values())
 
 
-def _launch_group(idx, aligned, t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale,
-                  reduce_rows, dc):
-    """Run the layers ``idx`` (one dtype and alignment); return their per-row losses."""
-    dtype, device = t[idx[0]].dtype, t[idx[0]].device
-    acc = _acc(dtype)
-    block, warps = CONFIGS[dtype]
-    target = _target_programs(device)
-    need_grad = bool(dc)
-    tab, ftab = [], []
-    n_part = n_row = n_tile = 0
-    first = [0, 0, 0]
-    for li in idx:
-        rows, m = t[li].shape
-        if m > _MAX_M:
-            raise ValueError(f"rows of more than {_MAX_M} neurons are not supported "
-                             f"(layer {li} has {m})")
-        ntiles = triton.cdiv(m, block)
-        nsplit, per = _splits(rows, ntiles, target)
-        rescale = need_grad and ntiles > 1
-        nstat = mu[li].numel()
-        inner_mul, inner_shift = _magic(inner[li])
-        nstat_mul, nstat_shift = _magic(nstat)
-        tab.append(Layer(
-            t=t[li].data_ptr(), c=c[li].data_ptr(), g=g[li].data_ptr(),
-            dc=dc[li].data_ptr() if dc else 0, mu=mu[li].data_ptr(), inv_s=inv_s[li].data_ptr(),
-            tau_s=tau_s[li].data_ptr(), stride_t=t[li].stride(0), stride_c=c[li].stride(0),
-            stride_g=g[li].stride(0), m=m, rows=rows, inner_mul=inner_mul, inner_shift=inner_shift,
-            nstat=nstat, nstat_mul=nstat_mul, nstat_shift=nstat_shift, nsplit=nsplit, per=per,
-            ntiles=ntiles, part_base=n_part, row_base=n_row, tile_base=n_tile,
-            rescale=int(rescale), first_partial=first[0], first_merge=first[1],
-            first_rescale=first[2]))
-        ftab.append(LayerScalars(loss_scale=row_scale[li] if reduce_rows else 1.0,
-                                 grad_scale=-2.0 * row_scale[li], tau=tau * _HALF_LOG2E.value))
-        n_part += rows * nsplit
-        n_row += rows
-        n_tile += rows * ntiles if rescale else 0
-        programs = (rows * nsplit, triton.cdiv(rows, MERGE_ROWS), rows * nsplit if rescale else 0)
-        first = [f + p for f, p in zip(first, programs)]
-    tab, ftab = _upload(tab, ftab, acc, device)
-    part = torch.empty(n_part * 5, dtype=acc, device=device)
-    loss = torch.empty(n_row, dtype=acc, device=device)
-    rowstat = torch.empty(max(n_row * 3 if n_tile else 0, 1), dtype=acc, device=device)
-    tiles = torch.empty(max(n_tile * 3, 1), dtype=acc, device=device)
-    tile_args = dict(DTYPE=TL_DTYPES[dtype], ACC=TL_DTYPES[acc], BLOCK=block, ALIGNED=aligned,
-                     num_warps=warps)
-    _partials_kernel[(first[0],)](tab, ftab, part, tiles, len(idx), SIGNED=signed,
-                                  NEED_GRAD=need_grad, **tile_args)
-    _merge_kernel[(first[1],)](tab, ftab, part, loss, rowstat, len(idx), ACC=TL_DTYPES[acc],
-                               ROWS=MERGE_ROWS, num_warps=MERGE_WARPS)
-    if first[2]:
-        _rescale_kernel[(first[2],)](tab, rowstat, tiles, len(idx), **tile_args)
-    return loss
+class LayerPlan(NamedTuple):
+    """How one layer runs: its launches and the sizes of the buffers they use."""
+
+    rows: int
+    m: int
+    split: bool
+    args: tuple  # the layer's int arguments, after the tensors (kernel-specific)
+    first: Launch  # the row kernel, or the split kernel
+    finish: Launch | None  # the split path's merge (and rescale)
+    n_out: int  # entries of the loss buffer it writes
+    n_part: int  # scratch of the split path, acc dtype: partials (5 per (row, split)), then
+    n_tiles: int  # tile records (3 per tile)
 
 
-def forward(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_rows, need_grad):
-    """The op's contract (:func:`medic_fast.ops.importance_clone._fused_loss`) on Triton.
+def plan_layer(rows: int, m: int, strides: tuple[int, int, int], mu_layout: tuple[int, int],
+               sd_layout: tuple[int, int], dtype: torch.dtype, device: torch.device, *,
+               signed: bool, need_grad: bool, per_row: bool) -> LayerPlan:
+    """The launches of one ``[rows, m]`` layer of ``dtype`` on ``device``; ``strides``: the row
+    strides of ``t, c, g``; ``*_layout``: ``(inner, numel)`` of the mean and std (statistic
+    ``(i // inner) % numel`` of neuron ``i``); ``per_row``: one loss per row (``reduction=
+    "none"``) rather than a partial sum per program."""
+    if m > _MAX_M:
+        raise ValueError(f"rows of more than {_MAX_M} neurons are not supported (got {m})")
+    acc = _TL[_acc(dtype)]
+    target = target_programs(device)
+    if m <= ROW_MAX[dtype]:
+        block = max(16, triton.next_power_of_2(m))
+        rows_per = min(max(1, ROW_TILE // block), triton.next_power_of_2(rows))
+        warps = min(ROW_WARPS, max(1, block * rows_per // 256))
+        programs = min(triton.cdiv(rows, rows_per), target)
+        first = Launch(_row_kernel, (programs,),
+                       dict(SIGNED=signed, NEED_GRAD=need_grad, PER_ROW=per_row, ACC=acc,
+                            BLOCK=block, ROWS=rows_per), warps)
+        args = (rows, m, *strides, *mu_layout, *sd_layout)
+        return LayerPlan(rows, m, False, args, first, None, rows if per_row else programs, 0, 0)
+    block, warps = SPLIT[dtype]
+    ntiles = triton.cdiv(m, block)
+    per = triton.cdiv(ntiles, max(1, min(ntiles, target // rows)))
+    nsplit = triton.cdiv(ntiles, per)
+    first = Launch(_split_kernel, (rows * nsplit,),
+                   dict(SIGNED=signed, NEED_GRAD=need_grad, SAME_STATS=mu_layout == sd_layout,
+                        ACC=acc, BLOCK=block), warps)
+    progs = nsplit if need_grad else 1
+    finish = Launch(_finish_kernel, (rows * progs,),
+                    dict(NEED_GRAD=need_grad, ACC=acc, BLOCK=block,
+                         NSPLIT=max(2, triton.next_power_of_2(nsplit))), warps)
+    stats = []
+    for inner, n in (mu_layout, sd_layout):
+        stats += [*_magic(inner), n, *_magic(n)]
+    args = (m, *strides, *stats, nsplit, per, ntiles, progs)
+    return LayerPlan(rows, m, True, args, first, finish, rows, rows * nsplit * 5,
+                     rows * ntiles * 3 if need_grad else 0)
 
-    Per layer ``t, c, g`` are ``[rows, m]`` with unit stride along ``m`` (any row stride, even 0);
-    ``mu, inv_s, tau_s`` are contiguous vectors in the accumulation dtype. Returns the loss (a
-    scalar ``sum_l row_scale[l] * sum_b loss_lb`` when ``reduce_rows``, else ``sum_l loss_lb`` per
-    row) and, when ``need_grad``, ``row_scale[l] * d loss_l / d c[l]`` per layer (else ``[]``).
-    One grouped launch per stage for the layers of each (dtype, alignment).
 
-    Every tensor is on one device (the op's validation sees to it). Triton launches on the current
-    CUDA device and its current stream, so the launches run with the tensors' device made current.
-    Not capturable in a CUDA graph: each call copies its layer tables from (pinned) host memory,
-    which a replayed graph would read again, stale; capture raises instead. (The op is tagged
-    ``cudagraph_unsafe``, so ``torch.compile(mode="reduce-overhead")`` leaves it out of its graphs.)
-    """
-    device = t[0].device
-    if device.type != "cuda":
-        return _forward(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_rows,
-                        need_grad)
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("medic_fast::importance_clone_loss cannot be captured in a CUDA graph: "
-                           "each call copies its launch tables from host memory, which a replay "
-                           "would not refresh. Run it outside the captured region (torch.compile "
-                           "with mode='reduce-overhead' does so by itself).")
-    with torch.cuda.device(device):
-        return _forward(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_rows,
-                        need_grad)
+def run_layer(lp: LayerPlan, t, c, g, mean, std, dc, out, out_base: int, scratch, tau: float,
+              eps: float, row_scale: float, traced: bool = False) -> None:
+    """Launch one layer's kernels. ``dc``: its ``[rows, m]`` gradient (any tensor when not
+    needed); ``out``: the call's loss buffer, written from ``out_base``; ``scratch``: at least
+    ``lp.n_part + lp.n_tiles`` values of the accumulation dtype (split layers)."""
+    tau_hl = tau * _HALF_LOG2E
+    if not lp.split:
+        lp.first(t, c, g, dc, mean, std, out, *lp.args, tau_hl, eps, row_scale, out_base,
+                 traced=traced)
+        return
+    m, st, sc, sg, *stats, nsplit, per, ntiles, progs = lp.args
+    lp.first(t, c, g, dc, mean, std, scratch, scratch, m, st, sc, sg, *stats, nsplit, per, ntiles,
+             lp.n_part, tau_hl, eps, row_scale, traced=traced)
+    lp.finish(dc, scratch, scratch, out, m, nsplit, per, ntiles, lp.n_part, progs, row_scale,
+              out_base, traced=traced)
 
 
-def _forward(t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale, reduce_rows, need_grad):
-    dc = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in c] if need_grad else []
-    groups: dict[tuple[torch.dtype, bool], list[int]] = {}
-    for li, x in enumerate(t):
-        groups.setdefault((x.dtype, _aligned(x, c[li], g[li])), []).append(li)
-    acc = _acc(t[0].dtype)
-    losses = [_launch_group(idx, aligned, t, c, g, mu, inv_s, tau_s, inner, tau, signed, row_scale,
-                            reduce_rows, dc)
-              for (_, aligned), idx in groups.items()]
-    loss = losses[0].to(acc) if len(losses) == 1 else torch.cat([x.to(acc) for x in losses])
-    return (loss.sum() if reduce_rows else loss.view(-1, t[0].shape[0]).sum(0)), dc
+_SCALE = {}
+
+
+def scale_(x: torch.Tensor, grad: torch.Tensor) -> None:
+    """``x *= grad`` in place on ``x``'s device, ``grad`` a one-element tensor there: one launch,
+    which stores nothing when ``grad`` is 1 (read on the device: no host sync)."""
+    n = x.numel()
+    # Everything the compiled handle is specialised on: device, dtypes, the grid, Triton's
+    # specialisation of n (1, a multiple of 16) and the gradient's 16-byte alignment.
+    key = (x.device, x.dtype, grad.dtype, triton.cdiv(n, SCALE_BLOCK), n == 1, n % 16 == 0,
+           grad.data_ptr() % 16 == 0)
+    launch = _SCALE.get(key)
+    if launch is None:
+        launch = _SCALE[key] = Launch(_scale_kernel, (key[3],),
+                                      dict(ACC=_TL[_acc(x.dtype)], BLOCK=SCALE_BLOCK),
+                                      SCALE_WARPS)
+    launch(x, n, grad)
 
 
 def aot_variants():
-    """Every specialisation :func:`forward` launches, for ``python -m medic_fast.kernels.aot``.
+    """Every kernel specialisation the plans launch, at the sizes that bound their registers
+    (the largest row block per dtype), for ``python tools/gpu_compile.py``.
 
     Yields ``(kernel, signature, constexprs, num_warps, name)``.
     """
-    for dtype, (block, warps) in CONFIGS.items():
-        dt, acc = TL_DTYPES[dtype], TL_DTYPES[_acc(dtype)]
-        buf = f"*{acc.name}"
-        for aligned in (False, True):
-            tile = dict(DTYPE=dt, ACC=acc, BLOCK=block, ALIGNED=aligned)
-            name = f"{dt.name} BLOCK={block}{' aligned' if aligned else ''}"
+    tl_dtypes = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                 torch.float16: tl.float16, torch.float64: tl.float64}
+    ints = dict.fromkeys
+    for dtype, dt in tl_dtypes.items():
+        acc = _TL[_acc(dtype)]
+        ptr, buf = f"*{dt.name}", f"*{acc.name}"
+        io = dict(t=ptr, c=ptr, g=ptr, dc=ptr, mean="*fp32", std="*fp32")
+        for block in sorted({16, 1024, ROW_MAX[dtype]}):
+            rows = max(1, ROW_TILE // block)
+            warps = min(ROW_WARPS, max(1, block * rows // 256))
             for signed in (False, True):
                 for need_grad in (False, True):
-                    yield (_partials_kernel,
-                           dict(tab="*i64", ftab=buf, part=buf, tiles=buf, n_layers="i32"),
-                           dict(SIGNED=signed, NEED_GRAD=need_grad, **tile), warps,
-                           f"{name} {'signed' if signed else 'abs'}{' grad' if need_grad else ''}")
-            yield (_rescale_kernel, dict(tab="*i64", rowstat=buf, tiles=buf, n_layers="i32"), tile,
-                   warps, name)
-    for acc in (tl.float32, tl.float64):
-        buf = f"*{acc.name}"
-        yield (_merge_kernel,
-               dict(tab="*i64", ftab=buf, part=buf, loss=buf, rowstat=buf, n_layers="i32"),
-               dict(ACC=acc, ROWS=MERGE_ROWS), MERGE_WARPS, f"{acc.name} ROWS={MERGE_ROWS}")
+                    yield (_row_kernel,
+                           dict(**io, out=buf, **ints(("rows", "m", "st", "sc", "sg", "mu_inner",
+                                                       "mu_n", "sd_inner", "sd_n"), "i32"),
+                                tau_hl="fp32", eps="fp32", row_scale="fp32", out_base="i32"),
+                           dict(SIGNED=signed, NEED_GRAD=need_grad, PER_ROW=False, ACC=acc,
+                                BLOCK=block, ROWS=rows), warps,
+                           f"{dt.name} BLOCK={block} ROWS={rows} {'signed' if signed else 'abs'}"
+                           f"{' grad' if need_grad else ''}")
+        block, warps = SPLIT[dtype]
+        for need_grad in (False, True):
+            for same in (False, True):
+                yield (_split_kernel,
+                       dict(**io, part=buf, tiles=buf,
+                            **ints(("m", "st", "sc", "sg", "mu_inner_mul", "mu_inner_shift",
+                                    "mu_n", "mu_n_mul", "mu_n_shift", "sd_inner_mul",
+                                    "sd_inner_shift", "sd_n", "sd_n_mul", "sd_n_shift", "nsplit",
+                                    "per", "ntiles", "tile_base"), "i32"),
+                            tau_hl="fp32", eps="fp32", row_scale="fp32"),
+                       dict(SIGNED=False, NEED_GRAD=need_grad, SAME_STATS=same, ACC=acc,
+                            BLOCK=block), warps,
+                       f"{dt.name} BLOCK={block}{' grad' if need_grad else ''}"
+                       f"{' same-stats' if same else ''}")
+            yield (_finish_kernel,
+                   dict(dc=ptr, part=buf, tiles=buf, out=buf,
+                        **ints(("m", "nsplit", "per", "ntiles", "tile_base", "progs"), "i32"),
+                        row_scale="fp32",
+                        out_base="i32"),
+                   dict(NEED_GRAD=need_grad, ACC=acc, BLOCK=block, NSPLIT=256), warps,
+                   f"{dt.name} BLOCK={block} NSPLIT=256{' grad' if need_grad else ''}")
+        yield (_scale_kernel, dict(x=ptr, n="i32", grad=buf),
+               dict(ACC=acc, BLOCK=SCALE_BLOCK), SCALE_WARPS, f"{dt.name}")
+
+
+class CallPlan(NamedTuple):
+    """The launches of one call and the buffers they need: the per-layer plans, the loss buffer,
+    one scratch buffer per accumulation dtype (split layers reuse it in turn), and the
+    gradients' layout (those of one dtype are views of one buffer, so that the backward scales
+    them in one launch)."""
+
+    layers: list  # LayerPlan per layer
+    out_dtype: torch.dtype
+    n_out: int
+    out_base: list  # per layer
+    scratch: dict  # acc dtype -> elements
+    flat: dict  # dtype -> elements
+    dc_layout: list  # per layer: (shape, strides, offset) of its view of its dtype's buffer
+
+
+def plan_call(t, c, g, mean, std, start_dim, mean_inner, std_inner, criterion, reduce_rows,
+              need_grad) -> CallPlan:
+    """The :class:`CallPlan` of the op's arguments (their layout: shapes, strides, dtypes)."""
+    from medic_fast.ops.importance_clone import _row_stride  # the op's layout rule
+
+    device = t[0].device
+    layers = [plan_layer(x.shape[:d].numel(), x.shape[d:].numel(),
+                         tuple(_row_stride(y, d) for y in (x, cx, gx)), (mi, mu.numel()),
+                         (si, sd.numel()), x.dtype, device, signed=criterion == 1,
+                         need_grad=need_grad, per_row=not reduce_rows)
+              for x, cx, gx, mu, sd, d, mi, si in zip(t, c, g, mean, std, start_dim,
+                                                      mean_inner, std_inner)]
+    out_base, n_out, scratch, flat, dc_layout = [], 0, {}, {}, []
+    for x, lp in zip(t, layers):
+        out_base.append(n_out)
+        n_out += lp.n_out
+        if lp.split:
+            acc = _acc(x.dtype)
+            scratch[acc] = max(scratch.get(acc, 0), lp.n_part + lp.n_tiles)
+        offset = flat.get(x.dtype, 0)
+        dc_layout.append((x.shape, _contiguous_strides(x.shape), offset))
+        flat[x.dtype] = offset + (x.numel() + 15) // 16 * 16
+    wide = any(x.dtype == torch.float64 for x in t)
+    return CallPlan(layers, torch.float64 if wide else torch.float32, n_out, out_base, scratch,
+                    flat if need_grad else {}, dc_layout)
+
+
+def forward(t, c, g, mean, std, start_dim, mean_inner, std_inner, tau, eps, criterion, row_scale,
+            reduce_rows, need_grad, *, plan=None, flat=False, traced=False):
+    """The op's contract (:func:`medic_fast.ops.importance_clone._fused_loss`) on Triton.
+
+    ``plan``: the call's :class:`CallPlan` (made from the tensors when None). ``flat``: the
+    gradients of one dtype are views of one buffer, and the buffers are returned too (``(loss,
+    dcs, buffers)``), for :func:`scale_`. ``traced``: launch through ``wrap_triton`` (inside the
+    op's ``triton_op`` body). Every tensor is on one device; the launches run on it, on its
+    current stream.
+    """
+    device = t[0].device
+    if plan is None:
+        plan = plan_call(t, c, g, mean, std, start_dim, mean_inner, std_inner, criterion,
+                         reduce_rows, need_grad)
+    if device.type == "cuda" and not traced and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return forward(t, c, g, mean, std, start_dim, mean_inner, std_inner, tau, eps,
+                           criterion, row_scale, reduce_rows, need_grad, plan=plan, flat=flat)
+    out = torch.empty(plan.n_out, dtype=plan.out_dtype, device=device)
+    scratch = {acc: torch.empty(n, dtype=acc, device=device) for acc, n in plan.scratch.items()}
+    dcs, buffers = _outputs(plan, c, flat) if need_grad else ([], [])
+    for li, lp in enumerate(plan.layers):
+        run_layer(lp, t[li], c[li], g[li], mean[li], std[li], dcs[li] if need_grad else t[li],
+                  out, plan.out_base[li], scratch.get(_acc(t[li].dtype)), tau, eps,
+                  row_scale[li], traced)
+    if not reduce_rows:
+        loss = out.view(len(plan.layers), -1).sum(0) if len(plan.layers) > 1 else out
+    else:
+        loss = out.view(()) if plan.n_out == 1 else out.sum()
+    return (loss, dcs, buffers) if flat else (loss, dcs)
+
+
+def _outputs(plan: CallPlan, c, flat: bool):
+    """Uninitialised gradients shaped like ``c`` and, with ``flat``, the buffers they view."""
+    device = c[0].device
+    if not flat:
+        return [torch.empty(x.shape, dtype=x.dtype, device=device) for x in c], []
+    if len(c) == 1:
+        dc = torch.empty(c[0].shape, dtype=c[0].dtype, device=device)
+        return [dc], [dc]
+    buffers = {dt: torch.empty(n, dtype=dt, device=device) for dt, n in plan.flat.items()}
+    return ([buffers[x.dtype].as_strided(*layout) for x, layout in zip(c, plan.dc_layout)],
+            list(buffers.values()))
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, n = [], 1
+    for size in reversed(shape):
+        strides.append(n)
+        n *= size
+    return tuple(reversed(strides))

@@ -20,7 +20,7 @@ from medic_fast._utils import check_int, device_of, dist_shard, eval_mode, inner
 from medic_fast.capture import (ActivationCapture, call_model, check_mask, inplace_modified,
                                 mask_applies, resolve_layers, rows_start_dim)
 from medic_fast.data import batch_inputs, make_loader
-from medic_fast.ops.importance_clone import check_std
+from medic_fast.ops._validate import check_std
 
 __all__ = ["LayerStats", "collect_stats"]
 

@@ -1,4 +1,4 @@
-"""``python -m medic_fast.gpu_check``: its stages' bookkeeping and its kernels' cases on CPU.
+"""``python tools/gpu_check.py``: its stages' bookkeeping and its kernels' cases on CPU.
 
 The whole dry run (``--cpu-dry-run``, every stage) runs in CI from ``.ci/run``; here are the
 parts that decide its exit status.
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from medic_fast import gpu_check
+import gpu_check  # tools/, on sys.path through pyproject.toml's pythonpath
 
 from shared import needs_extension
 
@@ -86,4 +86,4 @@ def test_sanitizer_cases_match_the_reference_on_cpu():
     errors = gpu_check.sanitizer_cases("cpu")
     assert len(errors) == 6
     assert all(0 <= err < 2e-2 for err in errors.values()), errors
-    assert errors["pocket mlp"] < 1e-4 and errors["loss float32 (4, 3000)"] < 1e-5
+    assert errors["pocket mlp"] < 1e-4 and errors["loss float32 (4, 9000)"] < 1e-5

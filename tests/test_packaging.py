@@ -3,7 +3,6 @@ wheel carries everything: the Triton kernels as ``medic_fast.kernels``, the C++ 
 import os
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -80,7 +79,9 @@ def test_built_wheel_runs_its_triton_kernels_in_a_fresh_venv(tmp_path):
     python = str(venv / "bin" / "python")
     site = Path(_python("import sysconfig; print(sysconfig.get_paths()['purelib'])", tmp_path,
                         python=python).strip())
-    paths = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    # This environment's site directories (a venv's and, with --system-site-packages, the base
+    # one's), after the new venv's own: its packages but not its .pth files (editable installs).
+    paths = dict.fromkeys(p for p in sys.path if p.endswith(("site-packages", "dist-packages")))
     (site / "outer_environment.pth").write_text("\n".join(paths) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q",
                     "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True,
@@ -95,8 +96,7 @@ def test_built_wheel_runs_its_triton_kernels_in_a_fresh_venv(tmp_path):
         t, c, g = torch.randn(3, 4, 40).unbind(0)
         mean, std = torch.randn(40), torch.rand(40) + 0.5
         tau, eps = 2.0, 1e-5
-        s = std + eps
-        loss, _ = ic.forward([t], [c], [g], [mean], [1 / s], [tau * s], [1], tau, False, [0.25],
+        loss, _ = ic.forward([t], [c], [g], [mean], [std], [1], [1], [1], tau, eps, 0, [0.25],
                              True, False)
         ref = medic_fast.importance_clone_loss(t, c, g, mean, std, tau=tau, eps=eps,
                                                backend="reference")

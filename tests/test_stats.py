@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import medic_fast as mf
-from medic_fast.ops import importance_clone
+from medic_fast.ops import _validate
 from medic_fast.stats import LayerStats
 from medic_fast.zoo import models
 from shared import DEVICES, digits, double_backward_grads
@@ -108,7 +108,7 @@ def test_collect_stats_on_tokens_are_per_feature(device, per):
 def test_layer_stats_refuse_negative_std_and_warn_once_on_zero(monkeypatch):
     """The check a Cloner's (and sanitize's) statistics get once, at construction: not per
     training step, and on any device."""
-    monkeypatch.setattr(importance_clone, "_zero_std_warned", False)
+    monkeypatch.setattr(_validate, "_zero_std_warned", False)
     mean = [torch.zeros(3), torch.zeros(2)]
     with pytest.raises(ValueError, match=r"^std of layer 'b' must be >= 0 \(a standard "
                        r"deviation\), got a minimum of -0.5$"):

@@ -99,7 +99,8 @@ def distill_loss(student_output, teacher_output, temperature: float, class_dim: 
 
 
 def masked_clone_loss(acts_t, acts_c, grads, mean, std, mask: Tensor, *, tau: float,
-                      criterion: str = "abs", start_dim: int = 2, backend: str = "auto") -> Tensor:
+                      criterion: str = "abs", start_dim: int = 2, weight: float = 1.0,
+                      backend: str = "auto") -> Tensor:
     """:func:`importance_clone_loss` (summed over layers) averaged over the rows ``mask`` keeps.
 
     ``mask`` has the row shape ``acts_t.shape[:start_dim]`` of every layer (``[B, T]`` for
@@ -114,7 +115,8 @@ def masked_clone_loss(acts_t, acts_c, grads, mean, std, mask: Tensor, *, tau: fl
             raise ValueError(f"mask has shape {tuple(mask.shape)} but layer {i} has rows "
                              f"{tuple(t.shape[:start_dim])} (acts_t.shape[:start_dim])")
     rows = importance_clone_loss(acts_t, acts_c, grads, mean, std, tau=tau, criterion=criterion,
-                                 reduction="none", start_dim=start_dim, backend=backend)
+                                 reduction="none", start_dim=start_dim, weight=weight,
+                                 backend=backend)
     keep = mask.reshape(-1).to(rows.dtype)
     return (rows * keep).sum() / keep.sum().clamp_min(1)
 
@@ -245,12 +247,15 @@ class Cloner:
 
     def __call__(self, batch, labels: Optional[Tensor] = None,
                  mask: Optional[Tensor] = None, *, index: Optional[Tensor] = None) -> Tensor:
-        ce, clone = self.losses(batch, labels, mask, index=index)
+        # lam goes into the fused op (weight=), so that the clone term reaches its backward
+        # with gradient 1, which costs no scaling pass.
+        weight = self.lam or 1.0
+        ce, clone = self.losses(batch, labels, mask, index=index, weight=weight)
         kd, self._kd = self._kd, None
-        self.last = CloneStep(ce.detach(), clone.detach(), self._output,
+        self.last = CloneStep(ce.detach(), clone.detach() / weight, self._output,
                               None if kd is None else kd.detach())
         self._output = None
-        loss = ce + self.lam * clone
+        loss = ce + clone if self.lam else ce + 0.0 * clone
         return loss if kd is None else loss + self.kd * kd
 
     def _batch(self, batch, labels):
@@ -268,8 +273,8 @@ class Cloner:
 
     @torch.compiler.disable
     def losses(self, batch, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-               *, index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """``(CE, clone loss)`` of the step, before weighting.
+               *, index: Optional[Tensor] = None, weight: float = 1.0) -> Tuple[Tensor, Tensor]:
+        """``(CE, weight * clone loss)`` of the step (``weight`` folded into the fused op).
 
         ``index``: the batch's sample indices, with a ``cache``: the teacher's signals come from
         the cache when it holds every sample (the teacher does not run), else they are computed
@@ -325,7 +330,7 @@ class Cloner:
                     "cannot train it: reentrant activation checkpointing "
                     "(torch.utils.checkpoint(..., use_reentrant=True)) runs the checkpointed "
                     "part without autograd; use use_reentrant=False (or unfreeze the student)")
-        return ce, self._clone_loss(acts_t, acts_c, grads, mask)
+        return ce, self._clone_loss(acts_t, acts_c, grads, mask, weight)
 
     def _stats_follow(self, acts: List[Tensor]) -> None:
         """Keep each layer's statistics on its activations' device: the models may have been
@@ -339,8 +344,9 @@ class Cloner:
                                 [s.to(a.device) for s, a in zip(st.std, acts)], st.per, st.count)
 
     def _clone_loss(self, acts_t: List[Tensor], acts_c: List[Tensor], grads: List[Tensor],
-                    mask: Optional[Tensor]) -> Tensor:
-        """Sum of the layer losses: one fused call per group of layers with the same rows."""
+                    mask: Optional[Tensor], weight: float) -> Tensor:
+        """``weight`` times the sum of the layer losses: one fused call per group of layers with
+        the same rows."""
         if mask is not None:
             mask = check_mask(mask, acts_t[0])
         self._stats_follow(acts_t)
@@ -355,9 +361,9 @@ class Cloner:
                     [self.stats.mean[i] for i in idx], [self.stats.std[i] for i in idx])
             if masked:
                 part = masked_clone_loss(*args, mask, tau=self.tau, criterion=self.criterion,
-                                         start_dim=sd, backend=self.backend)
+                                         start_dim=sd, weight=weight, backend=self.backend)
             else:
                 part = importance_clone_loss(*args, tau=self.tau, criterion=self.criterion,
-                                             start_dim=sd, backend=self.backend)
+                                             start_dim=sd, weight=weight, backend=self.backend)
             total = part if total is None else total + part
         return total

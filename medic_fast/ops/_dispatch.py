@@ -30,7 +30,7 @@ KERNELS = {
 # The fused kernels that come with the extension, and per op one of its dispatcher ops, whose
 # kernel for a device tells whether this build of the extension serves that device.
 _IN_EXTENSION = ("cpp", "cuda")
-_PROBE = {"importance_clone_loss": "medic_fast::importance_clone_loss",
+_PROBE = {"importance_clone_loss": "medic_fast::importance_clone_loss_cpu",
           "pocket_search": "medic_fast::pocket_step_update"}
 _warned = False
 

@@ -18,7 +18,8 @@ from medic_fast.medic.cache import TeacherCache
 from medic_fast.reference import importance_clone as reference
 from medic_fast.zoo import models
 
-__all__ = ["bench_steps", "step_variants", "paper_scale", "VARIANTS", "PAPER_SCALE"]
+__all__ = ["bench_steps", "step_variants", "captured_steps", "paper_scale", "VARIANTS",
+           "PAPER_SCALE"]
 
 VARIANTS = ("plain", "ours", "cached", "released")
 
@@ -72,7 +73,9 @@ def step_variants(batch: int = 64, size: int = 32, backend: str = "auto", seed: 
     ys = torch.randint(0, 10, (4 * batch,), device=device)
     stats = mf.collect_stats(teacher, (xs, ys), layers, batch_size=batch)
     nets = {k: models.wrn16_1().to(device) for k in VARIANTS}
-    opts = {k: torch.optim.Adam(n.parameters(), lr=1e-3) for k, n in nets.items()}
+    capturable = device.type == "cuda"  # so that captured_steps can capture a whole step
+    opts = {k: torch.optim.Adam(n.parameters(), lr=1e-3, capturable=capturable)
+            for k, n in nets.items()}
     cloner = mf.Cloner(teacher, nets["ours"], layers, stats, tau=5.0, lam=10.0, backend=backend)
     cached = mf.Cloner(teacher, nets["cached"], layers, stats, tau=5.0, lam=10.0,
                        backend=backend, cache=TeacherCache(batch))
@@ -88,7 +91,7 @@ def step_variants(batch: int = 64, size: int = 32, backend: str = "auto", seed: 
             loss = cached(x, y, index=index)  # the first call fills the cache
         else:
             loss = cloner(x, y)
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=False)
         loss.backward()
         opt.step()
 
@@ -99,35 +102,67 @@ def step_variants(batch: int = 64, size: int = 32, backend: str = "auto", seed: 
     return step, inputs, len(layers)
 
 
+def captured_steps(step, inputs, kinds=("plain", "ours")):
+    """CUDA only: for each of ``kinds``, its step (:func:`step_variants`, whose optimizers are
+    capturable there) captured once in a CUDA graph on static inputs; returns ``{kind: run(x,
+    y)}``, each copying the batch into the graph's inputs and replaying it."""
+    runs = {}
+    for kind in kinds:
+        x, y = inputs()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up: gradients, optimizer state, plans, kernels
+                step(kind, x, y)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(kind, x, y)
+
+        def run(x_new, y_new, x=x, y=y, graph=graph):
+            x.copy_(x_new)
+            y.copy_(y_new)
+            graph.replay()
+        runs[kind] = run
+    return runs
+
+
 def bench_steps(batch: int = 64, size: int = 32, repeats: int = 20, warmup: int = 3,
                 backend: str = "auto", seed: int = 0, progress: bool = False,
                 device="cpu") -> dict:
     """Median seconds of one training step of each of :func:`step_variants`. Variants are
     interleaved, each step on fresh random inputs; ``progress`` prints a line per round (one
     step of each variant) on stderr. On a CUDA ``device`` each step is timed to its end (a
-    synchronisation after it)."""
+    synchronisation after it), and the plain and Cloner steps are also timed captured in a CUDA
+    graph (``plain_graph``, ``ours_graph``: the step without its host work)."""
     device = torch.device(device)
     step, inputs, hooked = step_variants(batch, size, backend, seed, device)
-    times: Dict[str, list] = {k: [] for k in VARIANTS}
+    runs = {kind: (lambda x, y, kind=kind: step(kind, x, y)) for kind in VARIANTS}
+    if device.type == "cuda":
+        runs.update({f"{k}_graph": r for k, r in captured_steps(step, inputs).items()})
+    times: Dict[str, list] = {k: [] for k in runs}
     rounds = warmup + repeats
     for i in range(rounds):
         if progress:
             print(f"bench: round {i + 1}/{rounds}" + (" (warm-up)" if i < warmup else ""),
                   file=sys.stderr, flush=True)
-        for kind in VARIANTS:
+        for kind, run in runs.items():
             x, y = inputs()
             _sync(device)
             t0 = time.perf_counter()
-            step(kind, x, y)
+            run(x, y)
             _sync(device)
             if i >= warmup:
                 times[kind].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": "wrn16_1", "device": str(device), "batch": batch, "size": size,
-            "hooked": hooked, "repeats": repeats, "threads": torch.get_num_threads(),
-            "backend": backend, "seconds": med, "ours_vs_plain": med["ours"] / med["plain"],
-            "cached_vs_plain": med["cached"] / med["plain"],
-            "released_vs_ours": med["released"] / med["ours"]}
+    out = {"model": "wrn16_1", "device": str(device), "batch": batch, "size": size,
+           "hooked": hooked, "repeats": repeats, "threads": torch.get_num_threads(),
+           "backend": backend, "seconds": med, "ours_vs_plain": med["ours"] / med["plain"],
+           "cached_vs_plain": med["cached"] / med["plain"],
+           "released_vs_ours": med["released"] / med["ours"]}
+    if "ours_graph" in med:
+        out["graph_ours_vs_plain"] = med["ours_graph"] / med["plain_graph"]
+    return out
 
 
 def paper_scale(repeats: int = 10, warmup: int = 3, backend: str = "auto", seed: int = 0,

@@ -22,7 +22,7 @@ from medic_fast.stats import collect_stats
 from medic_fast.zoo import datasets, models
 from medic_fast.zoo.transformer import (TinyTransformer, TokenTrigger, make_sequences,
                                         padding_mask)
-from shared import DEVICES, float64_clone_rows
+from shared import CUDA, DEVICES, float64_clone_rows
 
 LAYERS = ["blocks.0", "blocks.1.self_attn", "blocks.1.mlp"]
 
@@ -423,3 +423,43 @@ def test_sanitize_trains_on_the_cloner_loss(device, monkeypatch):
     assert row["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
     assert row["ce"] == pytest.approx(float(cloner.last.ce), rel=1e-5)
     assert row["clone"] == pytest.approx(float(cloner.last.clone), rel=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+def test_cloner_step_captured_in_a_cuda_graph(monkeypatch):
+    """A whole Cloner step (the teacher's pass, the student's, CE + lam * clone loss, backward)
+    captured by hand in one CUDA graph and replayed with new batches copied into its inputs:
+    the student's gradients are eager's each time."""
+    _exact_fp32(monkeypatch, "cuda")
+    X, y = (x.cuda() for x in datasets.load_digits())
+    torch.manual_seed(0)
+    teacher = models.DigitsCNN((8, 16, 16)).cuda().eval().requires_grad_(False)
+    student = models.DigitsCNN((8, 16, 16)).cuda().train()
+    layers = [n for n, m in teacher.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    stats = collect_stats(teacher, (X, y), layers)
+    cloner = Cloner(teacher, student, layers, stats, tau=20.0, lam=10.0)
+    x_in, y_in = X[:64].clone(), y[:64].clone()
+
+    def step():
+        student.zero_grad(set_to_none=False)
+        cloner(x_in, y_in).backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm up: gradients allocated, plans made, kernels compiled
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for b in range(1, 4):
+        x_in.copy_(X[64 * b:64 * (b + 1)])
+        y_in.copy_(y[64 * b:64 * (b + 1)])
+        graph.replay()
+        replayed = [p.grad.clone() for p in student.parameters()]
+        student.zero_grad(set_to_none=False)
+        cloner(X[64 * b:64 * (b + 1)], y[64 * b:64 * (b + 1)]).backward()
+        for g, e in zip(replayed, (p.grad for p in student.parameters())):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)

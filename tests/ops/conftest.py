@@ -1,6 +1,6 @@
 """Running every fused kernel of the ops, with or without a GPU.
 
-CPU tensors dispatch ``medic_fast::importance_clone_loss`` to its C++ kernel, and ``"triton"``
+CPU tensors run the C++ op ``medic_fast::importance_clone_loss_cpu``, and ``"triton"``
 is refused for them. Where there is no GPU, Triton's interpreter (``TRITON_INTERPRET=1``, set in
 ``tests/conftest.py``) runs the Triton kernels on CPU tensors, though, so for the tests the Triton
 launcher can stand in as the op's CPU kernel: the Triton path then runs through the real op, with
@@ -23,7 +23,8 @@ INTERPRETER_SKIP = ("Triton compiles for the GPU here: its interpreter runs the 
 
 @contextlib.contextmanager
 def triton_as_cpu_kernel():
-    """Inside, the Triton launcher is the CPU kernel of ``medic_fast::importance_clone_loss``;
+    """Inside, the Triton launcher is the CPU kernel of ``medic_fast::importance_clone_loss_cpu``
+    (the op every CPU call of the loss runs, eager or traced);
     leaving restores the C++ kernel. Fails if the Triton kernel never ran."""
     from medic_fast.kernels import importance_clone
 
@@ -37,7 +38,7 @@ def triton_as_cpu_kernel():
     with torch.library._scoped_library("medic_fast", "IMPL") as lib:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", r"(?s).*Overriding a previously registered kernel")
-            lib.impl("importance_clone_loss", kernel, "CPU")
+            lib.impl("importance_clone_loss_cpu", kernel, "CPU")
         yield
     assert calls, "the Triton kernel never ran"
 

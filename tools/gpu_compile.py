@@ -1,5 +1,13 @@
 """One GPU compile check for every kernel, without a GPU (``docs/DESIGN.md`` §4).
 
+    python tools/gpu_compile.py [--kind triton|cuda] [--json PATH]
+
+It compiles every GPU kernel for sm_80 and sm_90: the Triton kernels of ``medic_fast.kernels``
+and ``csrc/*.cu`` (with the machine's ``nvcc``). It prints one table (registers, spills, stack
+frame, shared memory) and exits non-zero on a compile failure, a spill, or a kernel no variant
+covers. It needs no GPU and no CUDA build of PyTorch (the ``.cu`` files include no PyTorch
+headers). Run it from a checkout (it is not installed with the package).
+
 Each Triton kernel module of ``medic_fast.kernels`` lists the specialisations it launches
 (``aot_variants()``, yielding ``(kernel, signature, constexprs, num_warps, variant)``); each is
 compiled with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)`` and Triton's own ``ptxas -v``
@@ -9,15 +17,19 @@ the compiles run in spawned processes. A part whose compiler is missing is skipp
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import multiprocessing
 import os
 import pkgutil
+import json
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -200,10 +212,10 @@ def check(kinds=KINDS, archs=ARCHS, log=print) -> list[dict]:
 
     kinds = set(kinds)
     if "cuda" in kinds and not shutil.which("nvcc"):
-        log("check-gpu: nvcc not found: CUDA sources not checked")
+        log("gpu_compile: nvcc not found: CUDA sources not checked")
         kinds.discard("cuda")
     if "triton" in kinds and (why := _triton_missing(archs)):
-        log(f"check-gpu: {why}")
+        log(f"gpu_compile: {why}")
         kinds.discard("triton")
     records, futures = [], []
     spawn = multiprocessing.get_context("spawn")
@@ -236,3 +248,34 @@ def summary(records: list[dict]) -> list[str]:
                      f"{sum(r['spill_stores'] + r['spill_loads'] for r in rs)} bytes spilled"
                      f"{f', {bad} with problems' if bad else ''}")
     return lines
+
+
+def main(argv=None) -> int:
+    """Run :func:`check`; print the table (on stderr when the JSON goes to stdout) and a
+    summary, write the records as JSON; 1 on any problem."""
+    p = argparse.ArgumentParser(prog="python tools/gpu_compile.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", choices=KINDS, action="append",
+                   help="only this kind of kernel (repeatable; default: both)")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="write the records as JSON to PATH (stdout if none)")
+    args = p.parse_args(argv)
+    out = sys.stderr if args.json == "-" else sys.stdout
+    start = time.perf_counter()
+    records = check(args.kind or KINDS, log=lambda line: print(line, file=out, flush=True))
+    failed = any(r["problem"] for r in records)
+    for line in summary(records):
+        print(line, file=out)
+    print(f"gpu_compile: {'FAILED' if failed else 'ok'}, {len(records)} records for "
+          f"{', '.join(f'sm_{a}' for a in ARCHS)} in {time.perf_counter() - start:.1f} s",
+          file=out)
+    if args.json == "-":
+        json.dump(records, sys.stdout, indent=1)
+    elif args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,11 +1,14 @@
 """The GPU check: every GPU claim of the library, measured on the machine it runs on.
 
-    python -m medic_fast.gpu_check [--out DIR] [--stages env,build,...] [--cpu-dry-run]
+    python tools/gpu_check.py [--out DIR] [--stages env,build,...] [--cpu-dry-run]
 
-Run it from a source checkout (it uses ``tests/`` and ``benchmarks/``) on a machine with a CUDA
-GPU, with nothing to download: install with ``pip install --no-deps --no-build-isolation -e .``
-or run from the tree as it is. Stages, each in its own process with its own time limit, so that
-a crash or a hang in one (an illegal address kills the CUDA context) leaves the others' results:
+Run it from a source checkout (it uses ``tests/`` and ``benchmarks/``; it is not installed with
+the package) on a machine with a CUDA GPU, with nothing to download. Installed or not: where
+``medic_fast.kernels`` is not importable (no editable install), it links ``medic_fast/kernels``
+and ``medic_fast/csrc`` to the repository's ``kernels/`` and ``csrc/`` (as an editable install
+maps them; both links are git-ignored) and runs every stage with the checkout on
+``PYTHONPATH``. Stages, each in its own process with its own time limit, so that a crash or a
+hang in one (an illegal address kills the CUDA context) leaves the others' results:
 
 * ``env``: versions (Python, PyTorch, Triton, CUDA, nvcc), the GPU, the tools found;
 * ``build``: builds the C++/CUDA extension against the PyTorch there and lists which of its ops
@@ -13,7 +16,10 @@ a crash or a hang in one (an illegal address kills the CUDA context) leaves the 
 * ``loss``: ``benchmarks/bench_loss.py`` on the GPU at issue 2's shapes (rows64, rows128, wrn;
   float32 and bfloat16) and a transformer's ``[8, 1024, 4096]`` (start_dim=2): eager,
   ``torch.compile`` and Triton, forward+backward, GB/s against a device copy of the same run and
-  the ratio to the byte floor, after a check of each case against float64;
+  the ratio to the byte floor, the bytes per element the kernels move by design, and the fused
+  call replayed in a CUDA graph, after a check of each case against float64;
+* ``host``: ``benchmarks/bench_loss.py --host``: the host time of one eager forward+backward
+  (1 and 25 tiny layers) on this GPU's host, against ``F.mse_loss``;
 * ``pocket``: ``benchmarks/bench_pocket.py`` on the GPU: the CUDA extension against the batched
   PyTorch loop and the GEMM floor, after a check against the reference;
 * ``steps``: ``benchmarks/bench_sanitize.py --parts steps``: a WRN-16-1 training step with
@@ -42,19 +48,36 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-STAGES = ("env", "build", "loss", "pocket", "steps", "tests", "sanitizer")
+STAGES = ("env", "build", "loss", "host", "pocket", "steps", "tests", "sanitizer")
 # Seconds each stage may take before it is stopped (and counted as failed).
-LIMITS = {"env": 60, "build": 600, "loss": 420, "pocket": 240, "steps": 240, "tests": 420,
-          "sanitizer": 300}
+LIMITS = {"env": 60, "build": 600, "loss": 420, "host": 120, "pocket": 240, "steps": 240,
+          "tests": 420, "sanitizer": 300}
+THIS = Path(__file__).resolve()
 
 
 def repo_root() -> Path:
-    """The source checkout this package runs from (it must hold ``tests/`` and ``benchmarks/``)."""
-    root = Path(__file__).resolve().parents[1]
+    """The source checkout this tool runs from (it must hold ``tests/`` and ``benchmarks/``)."""
+    root = THIS.parents[1]
     if not ((root / "benchmarks" / "bench_loss.py").exists() and (root / "tests").is_dir()):
         raise SystemExit(f"gpu_check: {root} is not a medic_fast source checkout (no benchmarks/ "
                          "or tests/ there); run it from a clone of the repository")
     return root
+
+
+def _link_sources() -> None:
+    """Where ``medic_fast.kernels`` cannot be imported (a checkout run without an editable
+    install), link ``medic_fast/kernels`` and ``medic_fast/csrc`` to the repository's folders,
+    which an install maps there."""
+    probe = subprocess.run([sys.executable, "-c", "import medic_fast.kernels"], cwd=repo_root(),
+                           capture_output=True,
+                           env=dict(os.environ, PYTHONPATH=str(repo_root())))
+    if probe.returncode == 0:
+        return
+    for name in ("kernels", "csrc"):
+        link = repo_root() / "medic_fast" / name
+        if not link.exists():
+            link.symlink_to(Path("..") / name)
+            print(f"gpu_check: linked {link} -> ../{name} (no editable install)", flush=True)
 
 
 def _commands(stage: str, dry: bool, tmp: Path, tests: str = "tests") -> list[list[str]]:
@@ -63,8 +86,10 @@ def _commands(stage: str, dry: bool, tmp: Path, tests: str = "tests") -> list[li
     py, dev = sys.executable, "cpu" if dry else "cuda"
     bench = str(repo_root() / "benchmarks")
     if stage == "build":
-        return [[py, "-m", "medic_fast.gpu_check", "--worker", "build", "--result",
-                 str(tmp / "build.json")]]
+        return [[py, str(THIS), "--worker", "build", "--result", str(tmp / "build.json")]]
+    if stage == "host":
+        return [[py, f"{bench}/bench_loss.py", "--host", "--device", dev, "--rounds",
+                 "2" if dry else "15", "--json", str(tmp / "host.json")]]
     if stage == "loss":
         common = [py, f"{bench}/bench_loss.py", "--device", dev, "--passes", "fwd+bwd"]
         if dry:
@@ -90,7 +115,7 @@ def _commands(stage: str, dry: bool, tmp: Path, tests: str = "tests") -> list[li
         return [[py, "-m", "pytest", "-q", "-m", marks, "-p", "no:cacheprovider",
                  f"--junitxml={tmp / 'tests.xml'}"] + [str(repo_root() / t) for t in tests.split()]]
     if stage == "sanitizer":
-        cases = [py, "-m", "medic_fast.gpu_check", "--worker", "sanitizer-cases"]
+        cases = [py, str(THIS), "--worker", "sanitizer-cases"]
         tool = shutil.which("compute-sanitizer")
         if dry or tool is None:
             return [cases + ["--device", dev]]
@@ -130,7 +155,7 @@ def _build_worker() -> dict:
 
     start = time.perf_counter()
     path = _extension.load(verbose=False)
-    ops = ("importance_clone_loss", "pocket_search_mlp", "pocket_step_logits",
+    ops = ("importance_clone_loss_cpu", "pocket_search_mlp", "pocket_step_logits",
            "pocket_step_update")
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     kernels = {op: [key for key in ("CPU", "CUDA") if has(f"medic_fast::{op}", key)]
@@ -139,10 +164,11 @@ def _build_worker() -> dict:
 
 
 def sanitizer_cases(device: str) -> dict:
-    """Small cases of every GPU kernel, for compute-sanitizer: the Triton loss (one and several
-    tiles per row, float32 / bfloat16 / float16, per-token rows, several layers, forward and
-    backward) and the CUDA pocket search (the fused MLP search and the per-step path of a conv
-    head). Each is compared with the reference; returns the worst relative errors."""
+    """Small cases of every GPU kernel, for compute-sanitizer: the Triton loss (one-pass and
+    split rows, float32 / bfloat16 / float16, per-token rows, several layers, forward and
+    backward with its scale) and the CUDA pocket search (the fused MLP search and the per-step
+    path of a conv head). Each is compared with the reference; returns the worst relative
+    errors."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -152,7 +178,9 @@ def sanitizer_cases(device: str) -> dict:
 
     torch.manual_seed(0)
     out = {}
-    for dtype, shape, start_dim in ((torch.float32, (4, 3000), 1), (torch.bfloat16, (2, 4, 700), 1),
+    # Split rows (fp32, 9000 > ROW_MAX), one-pass rows of each dtype, per-token rows, two layers;
+    # the backward scales by 2.5 (the scale kernel stores).
+    for dtype, shape, start_dim in ((torch.float32, (4, 9000), 1), (torch.bfloat16, (2, 4, 700), 1),
                                     (torch.float16, (3, 5, 64), 2), (torch.float32, (6, 40), 1)):
         t = torch.randn(shape, device=device).to(dtype)
         c = (t.float() + 0.3 * torch.randn(shape, device=device)).to(dtype).requires_grad_()
@@ -162,7 +190,7 @@ def sanitizer_cases(device: str) -> dict:
         for backend in ("auto", "reference"):
             loss = medic_fast.importance_clone_loss(*layers, tau=5.0, start_dim=start_dim,
                                                     backend=backend)
-            (grad,) = torch.autograd.grad(loss, c)
+            (grad,) = torch.autograd.grad(2.5 * loss, c)
             res[backend] = (loss.double(), grad.double())
         err = max(float((res["auto"][i] - res["reference"][i]).norm().detach()
                         / res["reference"][i].norm().detach()) for i in range(2))
@@ -220,7 +248,7 @@ def _collect(stage: str, tmp: Path) -> dict:
     if stage == "loss":
         return {"rows": [r for name in ("loss.json", "loss_tokens.json", "loss_more.json")
                          for r in load(name) or []]}
-    if stage in ("pocket", "steps"):
+    if stage in ("host", "pocket", "steps"):
         return {"rows": load(f"{stage}.json") or []}
     if stage == "tests" and (tmp / "tests.xml").exists():
         suite = ET.parse(tmp / "tests.xml").getroot()
@@ -244,6 +272,8 @@ def run_stage(stage: str, dry: bool, tmp: Path, log, deadline: float = float("in
     if stage == "sanitizer" and not dry and shutil.which("compute-sanitizer") is None:
         notes.append("compute-sanitizer not found: the cases ran without it")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo_root()),
+                                                      os.environ.get("PYTHONPATH")]))
     if stage == "sanitizer":
         env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"  # so memcheck sees each tensor's bounds
     for cmd in _commands(stage, dry, tmp, tests):
@@ -283,13 +313,21 @@ def summary(results: dict) -> list[str]:
         lines.append(f"{stage:10s} {r['status']:7s} {r['seconds']:8.1f}  {note}")
     loss = results["stages"].get("loss", {}).get("rows", [])
     if loss:
-        lines.append("\nloss fwd+bwd: case dtype | eager / compile / fused ms | x compile | "
-                     "%copy | x floor | rel err")
+        lines.append("\nloss fwd+bwd: case dtype | eager / compile / fused / graph ms | "
+                     "x compile | %copy | x floor | bytes/elem | rel err")
         for r in loss:
             lines.append(f"  {r['case']:12s} {r['dtype']:9s} | {r['eager_ms']:.3f} / "
-                         f"{r['compile_ms']:.3f} / {r['fused_ms']:.3f} | {r['x_compile']:.2f} | "
-                         f"{r['pct_copy']:.1f} | {r['x_floor']:.2f} | {r['rel_error']:.1e}"
+                         f"{r['compile_ms']:.3f} / {r['fused_ms']:.3f} / "
+                         f"{r.get('graph_ms', float('nan')):.3f} | {r['x_compile']:.2f} | "
+                         f"{r['pct_copy']:.1f} | {r['x_floor']:.2f} | "
+                         f"{r.get('design_bytes', float('nan')):.1f}E | {r['rel_error']:.1e}"
                          f"{'  MISMATCH' if r['mismatch'] else ''}")
+    host = results["stages"].get("host", {}).get("rows", [])
+    if host:
+        lines.append("\nhost time per eager fwd+bwd: layers | path | op us | x mse_loss")
+        for r in host:
+            lines.append(f"  {r['layers']:3d} | {r['path']} | {r['op_us']:.1f} | "
+                         f"{r['x_mse']:.2f}")
     pocket = results["stages"].get("pocket", {}).get("rows", [])
     if pocket:
         lines.append("\npocket search: case | method | seconds | vs extension")
@@ -298,16 +336,20 @@ def summary(results: dict) -> list[str]:
             lines.append(f"  {r['case']} | {r['method']} | {r['seconds']:.4f} | {ratio}")
     steps = results["stages"].get("steps", {}).get("rows", [])
     if steps:
-        lines.append("\nWRN-16-1 step: backend | plain / Cloner / released ms | Cloner / plain")
+        lines.append("\nWRN-16-1 step: backend | plain / Cloner / cached / released ms | "
+                     "Cloner / plain | cached / plain | captured: Cloner / plain")
         for r in steps:
+            graph = r.get("graph_ours_vs_plain")
             lines.append(f"  {r['backend']} | {r['plain_ms']:.2f} / {r['ours_ms']:.2f} / "
-                         f"{r['released_ms']:.2f} | {r['ours_vs_plain']:.2f}x")
+                         f"{r['cached_ms']:.2f} / {r['released_ms']:.2f} | "
+                         f"{r['ours_vs_plain']:.2f}x | {r['cached_vs_plain']:.2f}x | "
+                         f"{'' if graph is None else f'{graph:.2f}x'}")
     lines.append(f"\ngpu_check: {'ok' if results['ok'] else 'FAILED'}")
     return lines
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medic_fast.gpu_check", description=__doc__,
+    p = argparse.ArgumentParser(prog="python tools/gpu_check.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_check_out",
                    help="directory for gpu_check.json and gpu_check.log (default: %(default)s)")
@@ -331,6 +373,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
     repo_root()
+    _link_sources()
     if not args.cpu_dry_run:
         import torch
 
