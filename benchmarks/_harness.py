@@ -10,6 +10,8 @@ The pytest-benchmark suite (``benchmarks/test_bench_*.py``) uses the same inputs
 * :func:`copy_gbs`: the device's copy bandwidth, the memory floor's yardstick;
 * :func:`loss_case`, :func:`loss_step`, :func:`rel_error`: the loss benchmark's inputs, its
   timed step, and the check against float64;
+* :func:`host_steps`, :func:`interleaved_us`: the loss's host time (tiny layers, where the
+  kernels cost nothing) against ``F.mse_loss`` on the same tensors, measured alternately;
 * :func:`mlp_head`, :class:`ConvHead`, :func:`pocket_problems`, :func:`head_flops`,
   :func:`gemm_gflops`: the pocket-search benchmark's heads, problems and floor;
 * :func:`add_output_options` and :func:`write_rows`: every script's ``--json PATH`` and
@@ -19,6 +21,7 @@ The pytest-benchmark suite (``benchmarks/test_bench_*.py``) uses the same inputs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import ctypes
 import gc
@@ -34,6 +37,7 @@ from torch import nn
 import medic_fast
 
 __all__ = ["median_ms", "peak_extra_bytes", "copy_gbs", "loss_case", "loss_step", "rel_error",
+           "host_steps", "without_launches", "interleaved_us", "HOST_SHAPE",
            "LOSS_CASES", "mlp_head", "ConvHead", "pocket_problems", "head_flops", "gemm_gflops",
            "add_output_options", "write_rows"]
 
@@ -201,6 +205,91 @@ def rel_error(out, ref) -> float:
     den = sum(float(r.double().pow(2).sum()) for r in ref)
     err = (num / max(den, 1e-300)) ** 0.5
     return err if err == err else float("inf")
+
+
+# --------------------------------------------------------------------------------------------
+# Host time of the loss
+# --------------------------------------------------------------------------------------------
+
+HOST_SHAPE = (4, 8, 4, 4)  # a layer whose kernels cost next to nothing: the call is host work
+
+
+def host_steps(n_layers: int, device="cpu") -> dict:
+    """One forward+backward over ``n_layers`` tiny fp32 layers (``HOST_SHAPE``, per-channel
+    statistics, tau 5) per call of each step: ``mse`` (``F.mse_loss`` per layer, summed),
+    ``eager`` (the formula, ``backend="reference"``), ``op`` (``backend="auto"``) and, on CPU
+    tensors, ``triton`` (the Triton path's host code, to run inside :func:`without_launches`)."""
+    gen = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(n_layers):
+        t = torch.randn(HOST_SHAPE, generator=gen)
+        c = t + 0.3 * torch.randn(HOST_SHAPE, generator=gen)
+        g = 1e-3 * torch.randn(HOST_SHAPE, generator=gen)
+        layers.append([x.to(device) for x in (t, c, g, 0.1 * torch.randn(8, generator=gen),
+                                               torch.rand(8, generator=gen) + 0.5)])
+    ts, cs, gs, ms, ss = (list(x) for x in zip(*layers))
+    cs = [c.requires_grad_() for c in cs]
+    args = [x[0] for x in (ts, cs, gs, ms, ss)] if n_layers == 1 else [ts, cs, gs, ms, ss]
+
+    def mse():
+        sum(F.mse_loss(c, t) for t, c in zip(ts, cs)).backward()
+
+    def loss(backend):
+        return lambda: medic_fast.importance_clone_loss(*args, tau=5.0,
+                                                        backend=backend).backward()
+
+    steps = {"mse": mse, "eager": loss("reference"), "op": loss("auto")}
+    if not _is_cuda(device):
+        steps["triton"] = loss("triton")
+    return steps
+
+
+@contextlib.contextmanager
+def without_launches():
+    """Inside, the loss's Triton path takes CPU tensors and its kernel launches are not
+    executed: what remains is our host code per call. The plans made inside are dropped after."""
+    from medic_fast.kernels import importance_clone as kernels
+    from medic_fast.ops import _dispatch, importance_clone
+
+    table = _dispatch.KERNELS["importance_clone_loss"]
+    launch, cpu = kernels.Launch.__call__, table["cpu"]
+    kernels.Launch.__call__, table["cpu"] = (lambda self, *a, traced=False: None), "triton"
+    try:
+        yield
+    finally:
+        kernels.Launch.__call__, table["cpu"] = launch, cpu
+        importance_clone._PLANS.clear()
+
+
+def interleaved_us(steps: dict, device="cpu", rounds: int = 15, calls: int = 200) -> dict:
+    """Microseconds per call of each step: each of ``rounds`` rounds runs every step in turn,
+    ``calls`` calls (the first round is warm-up; ``triton`` inside :func:`without_launches`;
+    on CUDA synchronised after the calls only); a step's figure is its median over rounds, and
+    ``<name>/mse`` the median of its per-round ratios to ``mse``, which is robust to the
+    machine's drift."""
+    times = {name: [] for name in steps}
+    for r in range(rounds + 1):
+        for name, step in steps.items():
+            with without_launches() if name == "triton" else contextlib.nullcontext():
+                step()
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    step()
+                _sync(device)
+                if r:
+                    times[name].append((time.perf_counter() - start) / calls * 1e6)
+    out = {name: statistics.median(v) for name, v in times.items()}
+    for name in steps:
+        if name != "mse":
+            out[f"{name}/mse"] = statistics.median(
+                a / b for a, b in zip(times[name], times["mse"]))
+    return out
+
+
+def _sync(device) -> None:
+    if _is_cuda(device):
+        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     python benchmarks/bench_loss.py [--device cpu|cuda] [--repeat 30] [--cases rows64,rows128,wrn]
                                     [--dtypes float32,bfloat16] [--passes fwd,fwd+bwd]
                                     [--csv out.csv] [--json out.json]
+    python benchmarks/bench_loss.py --host [--device cpu|cuda] [--threads 1]
 
 Prints, per case, dtype and pass (forward, forward+backward): median time, ratio to eager and to
 torch.compile, achieved GB/s (the bytes the op must move: read t, g, c, and write dc with the
@@ -17,6 +18,12 @@ Before timing, each case's fused loss and gradient are compared with the referen
 ``mismatch`` in a row (and exit status 1) means they differ by more than the dtype allows.
 Cases (``_harness.LOSS_CASES``): rows64, rows128, wrn (issue 2), tokens ([8, 1024, 4096],
 start_dim=2), and small ones for dry runs.
+
+``--host`` instead measures the host time of one forward+backward on 1 and 25 tiny layers
+(``[4, 8, 4, 4]`` fp32, where the kernels cost nothing), as a ratio to ``F.mse_loss``
+forward+backward on the same tensors and beside the eager formula, measured alternately in one
+run: the op as it runs on the device, and, on CPU, the Triton path's host code with its launches
+not executed.
 """
 from __future__ import annotations
 
@@ -25,8 +32,8 @@ import sys
 
 import torch
 
-from _harness import (LOSS_CASES, add_output_options, copy_gbs, loss_case, loss_step, median_ms,
-                      peak_extra_bytes, rel_error, write_rows)
+from _harness import (LOSS_CASES, add_output_options, copy_gbs, host_steps, interleaved_us,
+                      loss_case, loss_step, median_ms, peak_extra_bytes, rel_error, write_rows)
 
 # ||fused - float64 reference|| / ||reference|| allowed, per input dtype (loss and gradient).
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 2e-2,
@@ -46,6 +53,36 @@ def check(layers, start_dim, backend, dtype) -> float:
     wide = [tuple(x.double() for x in layer) for layer in layers]
     ref_loss, ref_grads = loss_step(wide, start_dim, "reference", backward=True)[2]()
     return max(rel_error(loss, ref_loss), rel_error(grads, ref_grads))
+
+
+def design_bytes(layers, start_dim, backward: bool) -> float:
+    """Bytes per element (in units of the element size E) the fused kernels move by design:
+    read t, g, c (3E), and with the gradient write it once (4E), plus one read and one write
+    for rows longer than ROW_MAX, which are split and rescaled (6E). CPU: the C++ kernel's 4E."""
+    if not backward:
+        return 3.0
+    if layers[0][0].device.type != "cuda":
+        return 4.0
+    from medic_fast.kernels.importance_clone import ROW_MAX
+
+    elems = [(t.numel(), t.shape[start_dim:].numel() > ROW_MAX[t.dtype]) for t, *_ in layers]
+    return sum(n * (6 if split else 4) for n, split in elems) / sum(n for n, _ in elems)
+
+
+def graph_ms(layers, start_dim, backend, repeat) -> float:
+    """The fused forward+backward captured in one CUDA graph and replayed: the kernels' time
+    without the host's."""
+    step, _, _ = loss_step(layers, start_dim, backend, backward=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return median_ms(graph.replay, repeat, device=layers[0][0].device)
 
 
 def measure(case, dtype, device, backend, passes, repeat, copy, compile_=True):
@@ -72,7 +109,9 @@ def measure(case, dtype, device, backend, passes, repeat, copy, compile_=True):
         comp, comp_mem = timed("reference", torch.compile) if compile_ else (float("nan"),) * 2
         fused, mem = timed(backend)
         no_exp = timed(backend, tau=0.0)[0]
-        moved = elems * esize * (4 if backward else 3)
+        moved = elems * esize * (4 if backward else 3)  # the floor: 4E, or 3E for the loss
+        graph = (graph_ms(layers, start_dim, backend, repeat)
+                 if backward and device.type == "cuda" else float("nan"))
         floor = moved / copy / 1e6
         exp_rate = 2 * elems / max(fused - no_exp, 1e-6) / 1e6  # G exp / s in situ
         if device.type == "cpu":  # CPU: the exponentials can bind (DESIGN.md §1)
@@ -84,6 +123,7 @@ def measure(case, dtype, device, backend, passes, repeat, copy, compile_=True):
             x_eager=eager / fused, x_compile=comp / fused, gbs=gbs, pct_copy=100 * gbs / copy,
             floor_ms=floor, x_floor=fused / floor, no_exp_ms=no_exp, exp_gps=exp_rate,
             mem_x=mem, eager_mem_x=eager_mem, compile_mem_x=comp_mem, rel_error=err,
+            graph_ms=graph, design_bytes=design_bytes(layers, start_dim, backward),
             mismatch=err > TOLERANCE[dtype]))
     return rows
 
@@ -103,6 +143,29 @@ def format_row(r: dict) -> str:
             f"{'  MISMATCH' if r['mismatch'] else ''}")
 
 
+def host_rows(device, rounds, calls=200) -> list[dict]:
+    """The host-time table: per layer count, the op (and on CPU the Triton path's host code,
+    its launches not executed) and the eager formula, in microseconds and as ratios to
+    ``F.mse_loss``, all measured alternately in one run."""
+    rows = []
+    for n in (1, 25):
+        r = interleaved_us(host_steps(n, device), device, rounds, calls)
+        for path, name in (("op", "op"), ("triton host", "triton")):
+            if name in r:
+                rows.append(dict(layers=n, path=path, device=str(device), mse_us=r["mse"],
+                                 op_us=r[name], eager_us=r["eager"], x_mse=r[f"{name}/mse"],
+                                 eager_x_mse=r["eager/mse"], x_eager=r[name] / r["eager"]))
+    return rows
+
+
+def print_host(rows) -> None:
+    print(f"{'layers':>6} {'path':12s} {'mse us':>8s} {'op us':>8s} {'x mse':>6s} "
+          f"{'eager us':>9s} {'eager x mse':>11s}")
+    for r in rows:
+        print(f"{r['layers']:6d} {r['path']:12s} {r['mse_us']:8.1f} {r['op_us']:8.1f} "
+              f"{r['x_mse']:6.2f} {r['eager_us']:9.1f} {r['eager_x_mse']:11.2f}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,11 +179,23 @@ def main(argv=None) -> int:
                    help="the fused backend to time (auto: cpp on CPU, triton on CUDA)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--host", action="store_true",
+                   help="the host-time table (1 and 25 tiny layers against F.mse_loss)")
+    p.add_argument("--rounds", type=int, default=15,
+                   help="with --host: alternating rounds of 200 calls (default: %(default)s)")
     add_output_options(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.host:
+        print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; host "
+              f"time per forward+backward, median over {args.rounds} alternating rounds of 200 "
+              "calls")
+        rows = host_rows(device, args.rounds)
+        print_host(rows)
+        write_rows(rows, "bench_loss_host", json_path=args.json, csv_path=args.csv)
+        return 0
     torch.manual_seed(0)
     # The copy: 1 GiB on a GPU (well past its L2), 64 MiB on CPU (past its caches).
     copy = copy_gbs((1 << 30) if device.type == "cuda" else (64 << 20), args.repeat, device)

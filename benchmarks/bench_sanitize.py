@@ -72,11 +72,15 @@ def main(argv=None) -> None:
         print(f"| {backend} | {ms['plain']:.1f} ms | {ms['ours']:.1f} ms | {ms['cached']:.1f} ms"
               f" | {ms['released']:.1f} ms | **{statistics.median(ratios):.2f}x** "
               f"({', '.join(f'{r:.2f}' for r in ratios)}) | {cached:.2f}x | {released:.2f}x |")
+        if "graph_ours_vs_plain" in rounds[0]:
+            graph = statistics.median(r["graph_ours_vs_plain"] for r in rounds)
+            print(f"| {backend}, captured in a CUDA graph | {ms['plain_graph']:.1f} ms | "
+                  f"{ms['ours_graph']:.1f} ms | | | **{graph:.2f}x** | | |")
     step_rows = [{"part": "step", "device": args.device, "backend": backend, "round": i,
                   **{f"{k}_ms": 1e3 * v for k, v in r["seconds"].items()},
                   "ours_vs_plain": r["ours_vs_plain"], "cached_vs_plain": r["cached_vs_plain"],
                   "released_vs_ours": r["released_vs_ours"],
-                  "load": load}
+                  "graph_ours_vs_plain": r.get("graph_ours_vs_plain"), "load": load}
                  for backend, rounds in runs.items() for i, r in enumerate(rounds)]
     paper_rows = paper(args.repeats, args.device) if "paper" in parts else []
     write_rows(step_rows + (demo() if "demo" in parts else []) + paper_rows, "bench_sanitize",
