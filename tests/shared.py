@@ -120,7 +120,7 @@ needs_extension = pytest.mark.skipif(not has_extension(),
 CUDA = torch.cuda.is_available()
 # Parametrise a test over devices with ``@pytest.mark.parametrize("device", DEVICES)``. Both cases
 # are marked ``device``; the CUDA case is also marked ``cuda`` and is skipped where there is no
-# GPU. ``medic_fast.gpu_check`` runs ``-m cuda`` on a GPU, and ``-m "device and not cuda"`` (the
+# GPU. ``tools/gpu_check.py`` runs ``-m cuda`` on a GPU, and ``-m "device and not cuda"`` (the
 # same tests' CPU cases) for ``--cpu-dry-run``.
 DEVICES = [pytest.param("cpu", marks=pytest.mark.device),
            pytest.param("cuda", marks=[pytest.mark.device, pytest.mark.cuda, pytest.mark.skipif(
