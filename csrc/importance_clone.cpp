@@ -276,12 +276,11 @@ struct Pending {
   typename IO<T>::acc f;
 };
 
-// One pass over a chunk's sums: the partial, and how far the chunk's maxima of a' and q' lie
-// above the references it was computed with.
+// One pass over a chunk's sums: the partial, and the chunk's maxima of a' and q'.
 template <typename acc>
 struct Pass {
   Partial<acc> p;
-  acc xa, xq;
+  acc ma, mq;
 };
 
 // Neurons [i0, i1) of one row against references (ra, rq); the provisional gradient
@@ -301,7 +300,7 @@ Pass<typename IO<T>::acc> chunk(const Layer& L, int64_t row, int64_t i0, int64_t
   constexpr int64_t kAhead = kPrefetchBytes / int64_t(sizeof(T));
   const V lowest(-std::numeric_limits<acc>::infinity()), zero(acc(0)), one(acc(1));
   const V vra(-ra), vrq(-rq), vthl(tau * hl), vhl(hl), vf(pend.f);
-  V vsa = zero, vsq = zero, vn = zero, vxa = lowest, vxq = lowest;
+  V vsa = zero, vsq = zero, vn = zero, vma = lowest, vmq = lowest;
   for_runs<kPerNeuron, acc>(L, i0, i1, [&](int64_t i, int64_t end, const acc* mu,
                                            const acc* inv_s, const acc* tau_s) {
     const V bmu(mu[0]), bka(tau * hl * inv_s[0]), bkq(tau_s[0] * hl),
@@ -329,15 +328,18 @@ Pass<typename IO<T>::acc> chunk(const Layer& L, int64_t row, int64_t i0, int64_t
       if (!kTauZero) {
         const V vg = kFull ? IO<T>::load(g + j) : IO<T>::load(g + j, cnt);
         const V u = vt - vmu;
-        V xa = at::vec::fmadd(kSigned ? u : u.abs(), ka, vra);  // a' - ra
-        V xq = at::vec::fmadd(vg, kq, vrq);                      // q' - rq
+        // a' and q' as chunk_max computes them (no fused multiply-add), so that a' - ra is 0,
+        // not one rounding of the product away from it, where ra is a' (at tau ~1e10 that
+        // rounding is ~2^9: 2^-512 for the largest weight would underflow the row's sums).
+        V a = (kSigned ? u : u.abs()) * ka;
+        V q = vg * kq;
         if (!kFull) {
-          xa = V::set(lowest, xa, cnt);
-          xq = V::set(lowest, xq, cnt);
+          a = V::set(lowest, a, cnt);
+          q = V::set(lowest, q, cnt);
         }
-        vxa = vmax(xa, vxa);
-        vxq = vmax(xq, vxq);
-        V ha = IO<T>::exp2(xa), hq = IO<T>::exp2(xq);
+        vma = vmax(a, vma);
+        vmq = vmax(q, vmq);
+        V ha = IO<T>::exp2(a + vra), hq = IO<T>::exp2(q + vrq);
         if (!kFull) {
           ha = V::set(zero, ha, cnt);
           hq = V::set(zero, hq, cnt);
@@ -374,7 +376,7 @@ Pass<typename IO<T>::acc> chunk(const Layer& L, int64_t row, int64_t i0, int64_t
     const acc n = hsum(vsa);
     return {{acc(0), n, acc(0), n, hsum(vn)}, acc(0), acc(0)};
   }
-  return {{ra, hsum(vsa), rq, hsum(vsq), hsum(vn)}, hmax(vxa), hmax(vxq)};
+  return {{ra, hsum(vsa), rq, hsum(vsq), hsum(vn)}, hmax(vma), hmax(vmq)};
 }
 
 // Writes src * f to dst (n values); with `stream`, bypassing the caches where aligned (the
@@ -461,14 +463,14 @@ void run_chunks(const Layer& L, int64_t row, int64_t k0, int64_t k1, typename IO
     };
     auto r = pass();
     if (!kTauZero) {
-      if (r.xa > acc(kSlack) || r.xq > acc(kSlack)) {
+      if (r.ma - ra > acc(kSlack) || r.mq - rq > acc(kSlack)) {
         // A new maximum far above the references: redo the chunk against its own maxima.
-        ra += std::max(r.xa, acc(0));
-        rq += std::max(r.xq, acc(0));
+        ra = std::max(ra, r.ma);
+        rq = std::max(rq, r.mq);
         r = pass();
       }
-      ra += std::max(r.xa, acc(0));  // the running maxima
-      rq += std::max(r.xq, acc(0));
+      ra = std::max(ra, r.ma);  // the running maxima
+      rq = std::max(rq, r.mq);
     }
     parts[k - k0] = r.p;
     if (kGrad && !sink.out) {

@@ -134,6 +134,23 @@ def test_tau(device, backend_arg, tau):
 
 
 @pytest.mark.parametrize("device, backend", ALL)
+@pytest.mark.parametrize("tau", [1e10, 1e30])
+def test_huge_tau_is_a_hard_argmax(device, backend_arg, tau):
+    """At tau ~1e10 and above the weights are a one-hot argmax of a and of q (0 where the two
+    argmax differ): the loss and gradient are finite and the reference's (it was inf or NaN on
+    the C++ kernel, whose fused multiply-add put the largest a' one rounding of ~2^9 below its
+    reference, so 2^(a' - ra) underflowed the row's sums). Rows of one chunk and of several."""
+    for shape in ((4, 6, 5, 5), (3, 5000)):
+        layers = make(shape, device=device)
+        loss, grads = run(layers, backend_arg, tau=tau)
+        loss64, grads64 = run64(layers, tau=tau)
+        assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
+        torch.testing.assert_close(loss.double().cpu(), loss64, rtol=1e-5, atol=1e-30)
+        for gr, gr64 in zip(grads, grads64):
+            torch.testing.assert_close(gr.double().cpu(), gr64, rtol=1e-5, atol=1e-30)
+
+
+@pytest.mark.parametrize("device, backend", ALL)
 @pytest.mark.parametrize("stats", ["channel", "neuron"])
 def test_start_dim_2_tokens(device, backend_arg, stats):
     layers = make((2, 5, 33), start_dim=2, stats=stats, device=device)
@@ -248,6 +265,21 @@ def test_layer_lists_mixed_dtypes_and_start_dims(device, backend_arg):
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     assert grads[1].dtype == torch.bfloat16
     torch.testing.assert_close(grads[1], grads_ref[1], rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("device, backend", FAST)
+def test_float32_and_float64_layers_in_one_call(device, backend_arg):
+    """Layers of float32 and float64 together (it raised an internal error on the C++ kernel):
+    the loss in float64, each gradient in its layer's dtype, as the reference gives them."""
+    layers = make((4, 6, 3, 3), layers=2, device=device)
+    mixed = [layers[0], tuple(x.double() if x.dim() > 1 else x for x in layers[1])]
+    loss, grads = run(mixed, backend_arg, single=False, tau=5.0)
+    loss_ref, grads_ref = run64(mixed, single=False, tau=5.0)
+    assert loss.dtype == torch.float64
+    assert [g.dtype for g in grads] == [torch.float32, torch.float64]
+    torch.testing.assert_close(loss.cpu(), loss_ref, rtol=1e-5, atol=1e-7)
+    for gr, gr64 in zip(grads, grads_ref):
+        torch.testing.assert_close(gr.double().cpu(), gr64, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("device, backend", ONE)
