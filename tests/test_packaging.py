@@ -108,3 +108,24 @@ def test_built_wheel_runs_its_triton_kernels_in_a_fresh_venv(tmp_path):
     assert Path(kernels).is_relative_to(site / "medic_fast" / "kernels")
     assert Path(csrc) == site / "medic_fast" / "csrc"
     assert (Path(csrc) / "pocket_search.cu").is_file()
+
+
+def test_cpu_paths_need_no_triton():
+    """With ``import triton`` failing (a CPU-only install has none): medic_fast imports without a
+    word on stderr, the C++ loss runs forward and backward, and torch.compile traces the op."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        sys.modules["triton"] = None  # blocks the import, as if it were not installed
+        import torch, medic_fast
+        x = torch.randn(4, 8, 4, 4)
+        c = (x + 1).requires_grad_()
+        stats = torch.zeros(8), torch.ones(8)
+        medic_fast.importance_clone_loss(x, c, x, *stats, tau=5.0).backward()
+        f = torch.compile(lambda c: medic_fast.importance_clone_loss(x, c, x, *stats),
+                          fullgraph=True, backend="aot_eager")
+        print("OK", bool(torch.isfinite(c.grad).all()), float(f(x + 1)) > 0)
+        """)], cwd=ROOT.parent, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0 and out.stdout.split() == ["OK", "True", "True"], \
+        out.stdout + out.stderr
+    assert out.stderr == "", out.stderr

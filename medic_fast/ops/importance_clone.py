@@ -24,6 +24,7 @@ Two paths, one set of kernels:
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import List, Tuple
 
@@ -107,7 +108,26 @@ def _fake(t, c, g, mean, std, start_dim, mean_inner, std_inner, tau, eps, criter
     return loss, [x.new_empty(x.shape) for x in c] if need_grad else []
 
 
-@torch.library.triton_op("medic_fast::importance_clone_loss", mutates_args=())
+def _triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except ValueError:  # a module set to None in sys.modules: blocked
+        return False
+
+
+def _define_op(fn):
+    """``fn`` as the op: a ``triton_op`` where Triton is installed (Inductor then sees its
+    kernels), else a plain custom op for CPU tensors (CUDA builds of PyTorch bring Triton;
+    ``triton_op`` would log that it is missing at every import). ``fn`` is its own fake kernel:
+    it only allocates and calls ops that have theirs."""
+    if _triton_installed():
+        return torch.library.triton_op("medic_fast::importance_clone_loss", fn, mutates_args=())
+    op = torch.library.custom_op("medic_fast::importance_clone_loss", fn, mutates_args=())
+    op.register_fake(fn)
+    return op
+
+
+@_define_op
 def _fused_loss(t: List[Tensor], c: List[Tensor], g: List[Tensor], mean: List[Tensor],
                 std: List[Tensor], start_dim: List[int], mean_inner: List[int],
                 std_inner: List[int], tau: float, eps: float, criterion: int,
