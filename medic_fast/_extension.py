@@ -16,16 +16,27 @@ kernels are built for :data:`DEFAULT_CUDA_ARCHS`; with one, for the visible GPUs
 default). ``MAX_JOBS`` sets how many compilers run at once (torch reads it; nothing here
 overrides it; :func:`build_jobs` tells what it is).
 
-One process at a time builds and loads, holding ``build.lock`` in the build directory: an
-``flock``, which the OS drops when its holder dies, however it dies, so a killed build never
-blocks later ones (torch's own lock file, which a killed build leaves behind, is removed under
-it). Others wait for it, at most ``$MEDIC_FAST_BUILD_TIMEOUT`` seconds (default 15 minutes).
+A built extension stays built. After a build, ``<library>.inputs`` beside the library records
+a hash of what it was built from (the sources' and headers' contents, the flags, the CUDA archs;
+the cache directory's name covers torch, Python and the CPU). While that record matches, the
+library is loaded as it is: no ninja, no compiler, nothing written, so a read-only cache works,
+and switching ninja versions (whose build logs are incompatible: a full rebuild each switch) or
+setting ``CXX`` changes nothing. Builds run the environment's own ninja (the ``ninja`` package's,
+or the one beside ``sys.executable``) ahead of any other on ``PATH``, where torch looks for it.
+
+One process at a time builds, holding ``build.lock`` in the build directory: an ``flock``, which
+the OS drops when its holder dies, however it dies, so a killed build never blocks later ones
+(torch's own lock file, which a killed build leaves behind, is removed under it). Others wait for
+it, at most ``$MEDIC_FAST_BUILD_TIMEOUT`` seconds (default 15 minutes); a load shares that lock,
+read-only, so that it never reads a library a build is writing. Every ``MEDIC_FAST_*`` variable
+is checked first; a bad value raises a ValueError naming it.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -167,10 +178,21 @@ def _cpu_tag() -> str:
 
 
 def cache_dir() -> Path:
-    """Where the extension is built: ``$MEDIC_FAST_CACHE`` or ``~/.cache/medic_fast``."""
-    root = os.environ.get("MEDIC_FAST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "medic_fast"
-    )
+    """Where the extension is built: ``$MEDIC_FAST_CACHE`` or ``~/.cache/medic_fast``.
+
+    ``$MEDIC_FAST_CACHE`` must be an absolute path (a relative one would move with the working
+    directory, a build in each) and not a file; ValueError otherwise.
+    """
+    root = os.environ.get("MEDIC_FAST_CACHE")
+    if root:
+        expected = "MEDIC_FAST_CACHE must be an absolute path to a directory"
+        if not os.path.isabs(root):
+            raise ValueError(f"{expected}, got {root!r}")
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise ValueError(f"{expected}, got {root!r}: not a directory")
+    else:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                            "medic_fast")
     return Path(root) / f"ext-{_cpu_tag()}"
 
 
@@ -215,7 +237,8 @@ def _cflags() -> list[str]:
 def load(verbose: bool = False) -> str:
     """Build (if needed) and load the extension; return the path of the loaded library.
 
-    Raises :class:`ExtensionUnavailable` with the compiler's reason if it cannot be built.
+    Raises :class:`ExtensionUnavailable` with the compiler's reason if it cannot be built (or
+    the cache's, if it cannot be written), ValueError for a bad ``MEDIC_FAST_*`` variable.
     """
     global _loaded, _failure
     if _loaded is not None:
@@ -223,6 +246,8 @@ def load(verbose: bool = False) -> str:
     with _lock:
         if _loaded is not None:
             return _loaded
+        cache_dir()  # every MEDIC_FAST_* variable is checked before anything is built or
+        _timeout()  # waited for: a bad value raises a ValueError naming it
         if _failure is not None:
             raise ExtensionUnavailable(_failure)
         try:
@@ -273,39 +298,104 @@ def _cuda_build_error(e: Exception, max_lines: int = 12) -> str:
 
 
 def _build(with_cuda: bool, verbose: bool) -> str:
-    """Build (if needed) and load the extension, with or without its CUDA sources; the path of
-    the loaded library."""
+    """Load the extension, with or without its CUDA sources, as built when its record of inputs
+    matches; else build it first. The path of the loaded library."""
     from torch.utils import cpp_extension
 
     srcs = sources(with_cuda)
     if not srcs:
         raise ExtensionUnavailable(f"no C++ sources found in {source_dir()}")
     bdir = build_dir(with_cuda)
-    bdir.mkdir(parents=True, exist_ok=True)
-    name = _lib_name(with_cuda)
-    lib = bdir / f"{name}.so"
+    args = dict(
+        name=_lib_name(with_cuda),
+        sources=[str(s) for s in srcs],
+        extra_cflags=_cflags() + (["-DMEDIC_FAST_WITH_CUDA"] if with_cuda else []),
+        extra_cuda_cflags=["-O3", "-lineinfo"],
+        extra_ldflags=_ldflags(),
+        extra_include_paths=[str(source_dir())],
+        with_cuda=with_cuda,
+    )
+    lib = bdir / f"{args['name']}.so"
+    record = bdir / f"{args['name']}.inputs"
     arch = _default_arch_list() if with_cuda else None
-    with _build_lock(bdir, _timeout()), _env("TORCH_CUDA_ARCH_LIST", arch):
-        if not lib.exists() or _stale(lib, srcs):
-            jobs = build_jobs()
-            how = [f"{jobs} compilers at once (MAX_JOBS)"] if jobs else []
-            if arch:
-                how.append(f"no GPU visible: CUDA kernels for TORCH_CUDA_ARCH_LIST={arch}")
-            print(f"medic_fast: building the C++ extension in {bdir} (once)"
-                  + (f"; {'; '.join(how)}" if how else "") + "...", file=sys.stderr)
-        path = cpp_extension.load(
-            name=name,
-            sources=[str(s) for s in srcs],
-            extra_cflags=_cflags() + (["-DMEDIC_FAST_WITH_CUDA"] if with_cuda else []),
-            extra_cuda_cflags=["-O3", "-lineinfo"],
-            extra_ldflags=_ldflags(),
-            extra_include_paths=[str(source_dir())],
-            build_directory=str(bdir),
-            with_cuda=with_cuda,
-            is_python_module=False,
-            verbose=verbose,
-        )
+    inputs = _inputs(args, (arch or os.environ.get("TORCH_CUDA_ARCH_LIST")) if with_cuda else None)
+    timeout = _timeout()
+    with _shared_lock(bdir, timeout):
+        if _built(lib, record, inputs):
+            torch.ops.load_library(str(lib))
+            return str(lib)
+    with contextlib.ExitStack() as held:
+        try:
+            bdir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(_build_lock(bdir, timeout))
+            built = _built(lib, record, inputs)  # by another process, while this one waited
+            if not built:
+                record.unlink(missing_ok=True)  # no record while the library is rewritten
+        except OSError as e:
+            raise ExtensionUnavailable(_not_writable(bdir, e)) from None
+        if built:
+            torch.ops.load_library(str(lib))
+            return str(lib)
+        jobs = build_jobs()
+        how = [f"{jobs} compilers at once (MAX_JOBS)"] if jobs else []
+        if arch:
+            how.append(f"no GPU visible: CUDA kernels for TORCH_CUDA_ARCH_LIST={arch}")
+        print(f"medic_fast: building the C++ extension in {bdir} (once)"
+              + (f"; {'; '.join(how)}" if how else "") + "...", file=sys.stderr)
+        ninja = _ninja_dir()
+        with _env("TORCH_CUDA_ARCH_LIST", arch), \
+                _env("PATH", ninja and os.pathsep.join([ninja, os.environ.get("PATH", "")])):
+            path = cpp_extension.load(**args, build_directory=str(bdir), is_python_module=False,
+                                      verbose=verbose)
+        tmp = record.with_name(f"{record.name}.tmp")
+        tmp.write_text(inputs)
+        os.replace(tmp, record)
     return str(path) if isinstance(path, (str, os.PathLike)) else str(lib)
+
+
+def _inputs(args: dict, arch: str | None) -> str:
+    """Hash of what the library is built from: ``args`` (names, flags), the CUDA arch list and
+    the contents of every source and header. Not the compiler nor ninja: a built extension stays
+    built when they change (delete its build directory to rebuild it with another compiler)."""
+    h = hashlib.sha256(json.dumps([args, arch]).encode())
+    files = set(map(Path, args["sources"])) | set(source_dir().glob("*.h")) \
+        | set(source_dir().glob("*.cuh"))
+    for f in sorted(files):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _built(lib: Path, record: Path, inputs: str) -> bool:
+    """Whether ``lib`` is there and was built from ``inputs`` (its record says so)."""
+    try:
+        return lib.is_file() and record.read_text() == inputs
+    except OSError:
+        return False
+
+
+def _ninja_dir() -> str | None:
+    """The folder of the environment's own ninja: the ``ninja`` package's, else the one beside
+    ``sys.executable`` (a venv's, activated or not); None if neither (torch takes ``PATH``'s).
+
+    One ninja for every build of an environment: ninja versions read each other's build logs
+    as empty, which rebuilds everything."""
+    try:
+        import ninja
+
+        folders = [ninja.BIN_DIR]
+    except (ImportError, AttributeError):
+        folders = []
+    folders.append(os.path.dirname(sys.executable))
+    return next((d for d in folders if os.access(os.path.join(d, "ninja"), os.X_OK)), None)
+
+
+def _not_writable(bdir: Path, e: OSError) -> str:
+    """The message for a build directory that cannot be written: what the OS said, not a
+    compiler's fault."""
+    return (f"the medic_fast C++ extension is not built (or is out of date) in {bdir}, and "
+            f"cannot be built there: {e.filename or bdir} is not writable ({e.strerror}). Build "
+            "it where that cache is writable (`python -m medic_fast.build`), set "
+            "MEDIC_FAST_CACHE to a writable directory, or use backend=\"reference\".")
 
 
 @contextlib.contextmanager
@@ -325,23 +415,40 @@ def _env(name: str, value: str | None):
             os.environ[name] = before
 
 
-def _stale(lib: Path, srcs: list[Path]) -> bool:
-    built = lib.stat().st_mtime
-    deps = list(srcs) + list(source_dir().glob("*.h")) + list(source_dir().glob("*.cuh"))
-    return any(p.stat().st_mtime > built for p in deps)
-
-
 _POLL_S = 0.2
 
 
 def _timeout() -> float:
-    """Seconds to wait for another process's build: ``$MEDIC_FAST_BUILD_TIMEOUT``, else 15 min."""
+    """Seconds to wait for another process's build: ``$MEDIC_FAST_BUILD_TIMEOUT``, else 15 min;
+    ValueError unless it is a finite number > 0 (nan waited forever, -5 gave up at once)."""
     value = os.environ.get("MEDIC_FAST_BUILD_TIMEOUT") or "900"
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        raise ExtensionUnavailable(
-            f"MEDIC_FAST_BUILD_TIMEOUT must be a number of seconds, got {value!r}") from None
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError("MEDIC_FAST_BUILD_TIMEOUT must be a finite number of seconds > 0, got "
+                         f"{value!r}")
+    return seconds
+
+
+@contextlib.contextmanager
+def _shared_lock(bdir: Path, timeout: float):
+    """Share ``bdir/build.lock`` while loading a built library, waiting (bounded) for a build
+    that holds it; opened read-only, and skipped where there is none: loading writes nothing."""
+    path = bdir / "build.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY) if fcntl else None
+    except OSError:  # none: nothing was ever built here (or it is not ours to read)
+        fd = None
+    if fd is None:
+        yield
+        return
+    try:
+        _acquire(fd, path, time.monotonic() + timeout, timeout, shared=True)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -392,11 +499,11 @@ def _wait(blocker, deadline: float, timeout: float, waiting_for, give_up) -> Non
         time.sleep(_POLL_S)
 
 
-def _acquire(fd: int, path: Path, deadline: float, timeout: float) -> None:
-    """``flock`` ``fd``, waiting (bounded) while another build holds it."""
+def _acquire(fd: int, path: Path, deadline: float, timeout: float, shared: bool = False) -> None:
+    """``flock`` ``fd`` (exclusive, or ``shared``), waiting (bounded) while a build holds it."""
     def held() -> str:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             return ""
         except BlockingIOError:
             return _describe(_holder(path))

@@ -1,11 +1,13 @@
-"""A killed or stuck build of the C++ extension never hangs later runs (``_extension``'s lock).
+"""A killed or stuck build of the C++ extension never hangs later runs (``_extension``'s lock);
+a built one stays built (another ninja, no compiler, a read-only cache); bad settings are refused.
 
 Real processes and signals, each with a time bound. The module builds the extension once, in a
-fresh cache its tests share.
+fresh cache its tests share (or copy, to break as they like).
 """
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +53,17 @@ def _wait_until(condition, timeout):
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
+
+
+def _files(folder):
+    """Every file under ``folder`` with its modification time and size: what a write changes."""
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def _load_and_run(cache, argv=(), **env):
+    return subprocess.run([*argv, sys.executable, "-c", LOAD_AND_RUN], capture_output=True,
+                          text=True, env=_env(cache, **env), timeout=BUILD_S)
 
 
 @pytest.mark.faults
@@ -136,14 +149,140 @@ def test_a_live_build_is_waited_for_then_named(tmp_path):
 @pytest.mark.faults
 def test_a_stale_torch_lock_file_does_not_block(cache):
     """torch's ``lock`` file, left by hand, as a killed build leaves it (it made torch wait
-    forever): the next ``load()`` removes it and loads (and builds first, if run alone)."""
+    forever): a build removes it and builds (here it relinks the deleted library; all of it, if
+    run alone); a load of a built extension does not use it, and writes nothing, so leaves it."""
     bdir = _build_dir(cache)
     bdir.mkdir(parents=True, exist_ok=True)
     (bdir / "lock").touch()
-    out = subprocess.run([sys.executable, "-c", LOAD_AND_RUN], capture_output=True, text=True,
-                         env=_env(cache), timeout=BUILD_S)
+    (bdir / "medic_fast_C.so").unlink(missing_ok=True)
+    out = _load_and_run(cache)
     assert "OK True" in out.stdout, out.stderr
     assert not (bdir / "lock").exists()
+    (bdir / "lock").touch()
+    out = _load_and_run(cache)
+    assert "OK True" in out.stdout, out.stderr
+    assert (bdir / "lock").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# A built extension stays built: loading it runs no ninja and no compiler, and writes nothing
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def built(cache):
+    """The module's cache, holding a current build (made here if no test has made one yet)."""
+    out = _load_and_run(cache)
+    assert "OK True" in out.stdout, out.stderr
+    return cache
+
+
+@pytest.fixture
+def built_copy(built, tmp_path):
+    """A copy of the module's build (times kept) for one test to break."""
+    return shutil.copytree(built, tmp_path / "cache", symlinks=True)
+
+
+@pytest.mark.faults
+def test_another_ninja_on_path_is_used_neither_to_load_nor_to_build(built_copy, tmp_path):
+    """Another ninja first on PATH (the system's 1.11 beside the venv's 1.13, with the venv
+    activated or not: each switch rebuilt everything, 33-80 s). A built extension loads without
+    running ninja; a build (its library deleted) runs the environment's own ninja, which relinks
+    the library and compiles nothing."""
+    other, calls = tmp_path / "bin", tmp_path / "calls"
+    other.mkdir()
+    (other / "ninja").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit 1\n')
+    (other / "ninja").chmod(0o755)
+    path = f"{other}{os.pathsep}{os.environ['PATH']}"
+    bdir = _build_dir(built_copy)
+    files = _files(bdir)
+    out = _load_and_run(built_copy, PATH=path)
+    assert "OK True" in out.stdout, out.stderr
+    assert not calls.exists() and _files(bdir) == files
+    (bdir / "medic_fast_C.so").unlink()
+    out = _load_and_run(built_copy, PATH=path)
+    assert "OK True" in out.stdout, out.stderr
+    assert not calls.exists(), calls.read_text()
+    objects = {f: stamp for f, stamp in files.items() if f.suffix == ".o"}
+    assert objects and {f: _files(bdir)[f] for f in objects} == objects
+
+
+@pytest.mark.faults
+def test_a_built_extension_loads_without_a_compiler(built_copy):
+    """``CXX=/bin/false``: the built extension loads and runs, nothing is compiled or written."""
+    bdir = _build_dir(built_copy)
+    files = _files(bdir)
+    out = _load_and_run(built_copy, CXX="/bin/false")
+    assert "OK True" in out.stdout, out.stderr
+    assert "building" not in out.stderr and _files(bdir) == files
+
+
+@pytest.fixture
+def read_only():
+    """``read_only(folder)``: the command prefix that runs a process with ``folder`` read-only:
+    bind-mounted read-only in a mount namespace of its own for root (whom modes do not stop),
+    by the modes of everything in it (restored after) for anyone else."""
+    modes = {}
+
+    def prefix(folder):
+        if os.geteuid() != 0:
+            for p in [folder, *folder.rglob("*")]:
+                modes[p] = p.stat().st_mode
+                p.chmod(modes[p] & ~0o222)
+            return []
+        argv = ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"',
+                str(folder)]
+        if shutil.which("unshare") is None or subprocess.run([*argv, "true"]).returncode:
+            pytest.skip("root cannot make a folder read-only here (unshare -m, mount --bind)")
+        return argv
+
+    yield prefix
+    for p, mode in modes.items():
+        p.chmod(mode)
+
+
+@pytest.mark.faults
+def test_a_built_extension_loads_from_a_read_only_cache(built_copy, tmp_path, read_only):
+    """A read-only cache holding a current build: it loads and runs (loading writes nothing, not
+    even ``build.lock``). One holding no build: the error says the folder cannot be written and
+    why, in one line, and does not blame the compiler."""
+    out = _load_and_run(built_copy, read_only(built_copy))
+    assert "OK True" in out.stdout, out.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = ("from medic_fast import _extension\n"
+            "try:\n    _extension.load()\n"
+            "except _extension.ExtensionUnavailable as e:\n    print('ERR', e)\n")
+    out = subprocess.run([*read_only(empty), sys.executable, "-c", code], capture_output=True,
+                         text=True, env=_env(empty), timeout=120)
+    message = out.stdout.partition("ERR ")[2].strip()
+    assert message and "\n" not in message, out.stdout + out.stderr
+    assert re.search(r"is not built \(or is out of date\) in .*, and cannot be built there: "
+                     r"\S+ is not writable \((Read-only file system|Permission denied)\)",
+                     message), message
+    assert "g++" not in message and "compiler" not in message
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("MEDIC_FAST_BUILD_TIMEOUT", "nan", "a finite number of seconds > 0, got 'nan'"),
+    ("MEDIC_FAST_BUILD_TIMEOUT", "-5", "a finite number of seconds > 0, got '-5'"),
+    ("MEDIC_FAST_BUILD_TIMEOUT", "15m", "a finite number of seconds > 0, got '15m'"),
+    ("MEDIC_FAST_CACHE", "~/cache", "an absolute path to a directory, got '~/cache'"),
+    ("MEDIC_FAST_CACHE", "{file}", "an absolute path to a directory, got '{file}': not a "
+                                   "directory"),
+])
+def test_a_bad_setting_is_refused_in_one_line(tmp_path, name, value, expected):
+    """Every ``MEDIC_FAST_*`` variable is checked before anything is built or waited for (nan
+    waited forever, -5 gave up at once): a ValueError naming it and what was expected."""
+    file = tmp_path / "file"
+    file.touch()
+    env = dict(_env(tmp_path / "cache"), **{name: value.format(file=file)})
+    code = ("from medic_fast import _extension\n"
+            "try:\n    _extension.load()\n"
+            "except ValueError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=60)
+    assert out.stdout == f"ERR {name} must be {expected.format(file=file)}\n", out.stderr
+    assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
 # ------------------------------------------------------------------------------------------------
