@@ -1,20 +1,23 @@
 """Small helpers shared across the package: devices, training flags, wrappers, distributed
-shards, atomic writes, torch threads, and argument checks that name the argument and what was
-expected."""
+shards, atomic writes, torch threads, the random generators' state, digests, warnings at the
+user's line, and argument checks that name the argument and what was expected."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import os
+import sys
 from contextlib import contextmanager
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = ["device_of", "eval_mode", "inner_module", "dist_shard", "save_atomic", "check_int",
-           "check_number", "check_module", "available_cores", "forward_macs", "auto_threads",
-           "torch_threads"]
+           "check_number", "check_module", "check_device", "available_cores", "forward_macs",
+           "auto_threads", "torch_threads", "preserved_rng", "digest", "user_stacklevel"]
 
 
 def device_of(model: nn.Module, device=None) -> torch.device:
@@ -126,6 +129,26 @@ def check_module(name: str, m) -> nn.Module:
     return m
 
 
+def check_device(name: str, device) -> torch.device:
+    """``device`` as a ``torch.device`` if this process can use it, else a ValueError naming
+    ``name`` (a CUDA device on a build or machine without one, say, instead of torch's
+    AssertionError on first use)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a torch device such as 'cpu' or 'cuda:0', got "
+                         f"{device!r}") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"{name} {device!r}: this PyTorch cannot use CUDA ({why}); use "
+                             "'cpu'")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {device!r}: there are {torch.cuda.device_count()} GPUs, "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return d
+
+
 def available_cores() -> int:
     """The CPU cores this process may run on (its affinity mask, where the OS has one)."""
     try:
@@ -180,3 +203,55 @@ def torch_threads(n: Optional[int]):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextmanager
+def preserved_rng():
+    """Run the block, then put back the state of every random generator it may draw from: the
+    CPU's and, once CUDA is initialised, every GPU's. So a library call that iterates a
+    ``DataLoader`` (which draws a seed from the global generator) or seeds the generator leaves
+    the caller's random numbers as they were. Usable as a decorator."""
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=gpus):
+        yield
+
+
+def digest(values: Iterable) -> str:
+    """A short hex digest (BLAKE2b, 64 bits) of tensors, NumPy arrays, numbers and strings, nested
+    in lists, tuples and dicts: their types, shapes, dtypes and bytes. Raises TypeError on
+    anything else (its ``repr`` need not be the same in another process)."""
+    h = hashlib.blake2b(digest_size=8)
+
+    def add(v):
+        if isinstance(v, torch.Tensor) or type(v).__module__ == "numpy":
+            t = torch.as_tensor(v).detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(v, (bool, int, float, str, type(None))):
+            h.update(f"{type(v).__name__}:{v!r};".encode())
+        elif isinstance(v, (list, tuple)):
+            h.update(f"{type(v).__name__}{len(v)}[".encode())
+            for item in v:
+                add(item)
+        elif isinstance(v, dict):
+            h.update(f"dict{len(v)}{{".encode())
+            for k, item in v.items():
+                add(k)
+                add(item)
+        else:
+            raise TypeError(f"cannot digest a {type(v).__name__}")
+
+    add(list(values))
+    return h.hexdigest()
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` in the caller name the first frame
+    outside this package and the ``contextlib`` wrappers of its decorators: the user's line,
+    not a library source line."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(package)
+                                 or frame.f_code.co_filename == contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    return level

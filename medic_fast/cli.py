@@ -12,7 +12,9 @@ import importlib
 import inspect
 import json
 import os
+import re
 import sys
+import warnings
 from typing import List, Optional
 
 import torch
@@ -113,14 +115,16 @@ def _check_outputs(outputs) -> Optional[str]:
 
 
 def _check_backend(backend: str, op: str, device) -> Optional[str]:
-    """Why ``--backend`` cannot run ``op`` on ``device``, or None (auto may fall back, warning)."""
+    """Why ``--device`` cannot be used here, or ``--backend`` cannot run ``op`` on it, or None
+    (auto may fall back, warning)."""
     from medic_fast._extension import ExtensionUnavailable
+    from medic_fast._utils import check_device
     from medic_fast.ops import _dispatch
 
     try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        return f"--device {device!r}: {e}; give a torch device such as cpu or cuda:0"
+        device = check_device("--device", device)
+    except ValueError as e:
+        return str(e)
     try:
         _dispatch.resolve(op, backend, device)
     except (ValueError, TypeError, ExtensionUnavailable) as e:
@@ -158,29 +162,9 @@ def _call(spec: str, option: str):
     return factory()
 
 
-def _mismatch(own: dict, saved: dict) -> Optional[str]:
-    """How the ``saved`` state_dict differs from the model's ``own``: names, then shapes."""
-    def some(names):
-        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    missing = [k for k in own if k not in saved]
-    unexpected = [k for k in saved if k not in own]
-    shapes = [f"{k}: {list(saved[k].shape)} in the file, {list(v.shape)} in the model"
-              for k, v in own.items() if torch.is_tensor(saved.get(k))
-              and saved[k].shape != v.shape]
-    parts = []
-    if missing:
-        parts.append(f"missing {some(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {some(unexpected)}")
-    if shapes:
-        parts.append(f"shape of {shapes[0]}" + (f"; {len(shapes) - 1} more shapes differ"
-                                                 if shapes[1:] else ""))
-    return "; ".join(parts) or None
-
-
 def _load_model(args):
     """The --model architecture with the --weights loaded (one-line errors naming the flags)."""
-    from medic_fast.train import CHECKPOINT_FORMAT, read_torch_file
+    from medic_fast.train import CHECKPOINT_FORMAT, read_torch_file, state_dict_mismatch
 
     model = _call(args.model, "--model")
     if not isinstance(model, torch.nn.Module):
@@ -208,46 +192,52 @@ def _load_model(args):
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as e:
-        why = _mismatch(model.state_dict(), state) or " ".join(str(e).split("\n", 1)[-1].split())
+        why = state_dict_mismatch(model.state_dict(), state) \
+            or " ".join(str(e).split("\n", 1)[-1].split())
         raise _UserError(f"{what}: does not fit --model {args.model!r} ({why}); give the weights "
                          "of that architecture, or the --model they were saved from") from None
     return model
 
 
+def _state_error(args, problem: str) -> str:
+    """The one line for a --state that --resume cannot continue: its ``problem``, and what to
+    do."""
+    return (f"--state {args.state!r}: {problem}; give the --state file of the run to continue, "
+            "with that run's --weights, --data and options, or another --state path without "
+            "--resume")
+
+
+def _another_run(args, diff) -> str:
+    """``diff`` (:func:`medic_fast.train.state_diff`) in the command's words: its flags."""
+    from medic_fast.train import describe_diff
+
+    flags = vars(args)
+    return "was written by another run: " + describe_diff(
+        diff, lambda k: "--" + k.replace("_", "-") if k in flags else k)
+
+
 def _check_resume(args) -> Optional[str]:
     """Why --resume cannot continue from an existing --state, or None: it must be a readable
-    training state written with the same options (checked before any work)."""
-    from medic_fast.train import read_training_state
+    training state written by this version with the same options (checked before any work;
+    sanitize then checks the weights, the data and the state's contents)."""
+    from medic_fast.train import read_training_state, state_diff
 
     if not (args.resume and os.path.exists(args.state)):
         return None
-    what = f"--state {args.state!r}"
-    afresh = "or another --state path without --resume to start afresh"
     try:
-        saved = read_training_state(args.state)["config"]
+        state = read_training_state(args.state)
     except ValueError as e:
-        return (f"{what}: is not a readable medic_fast training state ({e}); give the --state "
-                f"file of the run to continue, {afresh}")
+        return _state_error(args, f"is not a readable medic_fast training state ({e})")
     options = {k: v for k, v in vars(args).items()
-               if k in saved and k != "augment" and v is not None}
-    now = {"method": "medic", **options}
-
-    def shown(v):
-        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-    diff = []
-    for k, v in now.items():
-        if saved.get(k) != v:
-            flag = "--" + k.replace("_", "-") if k in options else k
-            diff.append(f"{flag} {shown(saved.get(k))} (now {shown(v)})")
-    if diff:
-        return (f"{what}: was written with other settings: {', '.join(diff)}; give the options "
-                f"of the run that wrote it, {afresh}")
-    return None
+               if k in state["config"] and k != "augment" and v is not None}
+    diff = state_diff(state, {"method": "medic", **options})
+    return _state_error(args, _another_run(args, diff)) if diff else None
 
 
 def _cmd_sanitize(args) -> int:
     import medic_fast as mf
     from medic_fast._utils import save_atomic
+    from medic_fast.train import CheckpointError
 
     if (args.trigger is None) != (args.target is None) or (args.trigger and not args.eval_data):
         return _fail("--trigger, --target: given without each other or without --eval-data; "
@@ -268,16 +258,19 @@ def _cmd_sanitize(args) -> int:
     data = _call(args.data, "--data")
     eval_data = _call(args.eval_data, "--eval-data") if args.eval_data else None
     trigger = _resolve(args.trigger, "--trigger") if args.trigger else None
-    result = mf.sanitize(
-        model, data, recipe=args.recipe, layers=args.layers, tau=args.tau, lam=args.lam,
-        epochs=args.epochs, min_steps=args.min_steps, lr=args.lr, batch_size=args.batch_size,
-        weight_decay=args.weight_decay, criterion=args.criterion, stats=args.stats,
-        augment=None if args.augment == "none" else args.augment, kd=args.kd,
-        cache={None: None, "auto": "auto", "on": True, "off": False}[args.cache],
-        threads=args.threads, seed=args.seed, device=args.device,
-        progress=not args.no_progress,
-        checkpoint=args.state, resume=args.resume, eval_data=eval_data, trigger=trigger,
-        target=args.target, backend=args.backend)
+    try:
+        result = mf.sanitize(
+            model, data, recipe=args.recipe, layers=args.layers, tau=args.tau, lam=args.lam,
+            epochs=args.epochs, min_steps=args.min_steps, lr=args.lr, batch_size=args.batch_size,
+            weight_decay=args.weight_decay, criterion=args.criterion, stats=args.stats,
+            augment=None if args.augment == "none" else args.augment, kd=args.kd,
+            cache={None: None, "auto": "auto", "on": True, "off": False}[args.cache],
+            threads=args.threads, seed=args.seed, device=args.device,
+            progress=not args.no_progress,
+            checkpoint=args.state, resume=args.resume, eval_data=eval_data, trigger=trigger,
+            target=args.target, backend=args.backend)
+    except CheckpointError as e:
+        return _fail(_state_error(args, _another_run(args, e.diff) if e.diff else e.problem))
     kept = (f"the trained state is in --state {args.state!r}: run again with --resume and a "
             "writable --out to save the clone without retraining") if args.state else \
         "fix the path and run again"
@@ -433,17 +426,34 @@ def _interrupted(args) -> str:
             f"last completed epoch, saved in --state {args.state!r}")
 
 
+_KERNEL_HELP = {"cpp": "the C++ extension (CPU)", "triton": "Triton (CUDA)",
+                "cuda": "the extension's CUDA code"}
+
+
 def _backend_arg(q, op: str, what: str) -> None:
-    """``--backend``, with the ops' one vocabulary (:data:`medic_fast.ops._dispatch.BACKENDS`)."""
+    """``--backend``: the names of the ops' one vocabulary
+    (:data:`medic_fast.ops._dispatch.BACKENDS`) that ``op`` takes."""
     from medic_fast.ops._dispatch import BACKENDS, KERNELS
 
-    fused = " and ".join(f"{name} on {device.upper()}" for device, name in KERNELS[op].items())
-    q.add_argument("--backend", choices=BACKENDS, default="auto",
+    kernels = KERNELS[op]
+    names = tuple(b for b in BACKENDS if b in ("auto", "reference") or b in kernels.values())
+    fused = "; ".join(f"{name}: {_KERNEL_HELP[name]}" for name in names[2:])
+    q.add_argument("--backend", choices=names, default="auto",
                    help=f"what runs {what}: auto: the fused kernel for the device, else (no C++ "
                    "compiler, say) the plain-PyTorch reference with one warning; reference: "
-                   "plain PyTorch (same results, slower); cpp: the C++ extension (CPU); triton: "
-                   "Triton (CUDA); cuda: the extension's CUDA code. A fused kernel named runs "
-                   f"or fails before any work; {what} has {fused}")
+                   f"plain PyTorch (same results, slower); {fused}. A fused kernel named runs "
+                   "or fails before any work")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, but only where the help does not give the default
+    itself and there is one to show (not None, nor a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False \
+                or re.search(r"\bdefault\b", action.help):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _at_least(low: int):
@@ -479,18 +489,20 @@ def _names(text: str) -> List[str]:
 
 def _parser() -> argparse.ArgumentParser:
     from medic_fast.medic.recipes import RECIPES
+    from medic_fast.zoo.demo import ATTACKS, DEMO_SETTINGS
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
+    attack = type(ATTACKS[DEMO_SETTINGS["attack"]](0)).__name__
     p = argparse.ArgumentParser(
         prog="medic-fast", formatter_class=fmt,
         description="Remove (MEDIC) and detect (CLEAR) neural-network backdoors.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", formatter_class=fmt, help="digits demo: MEDIC vs baselines",
-                       description="Train a BadNets-trojaned CNN on scikit-learn's digits, then "
-                       "remove the backdoor with MEDIC and compare with fine-tuning and training "
-                       "from scratch on the 10% clean split. Prints ACC, ASR and seconds per "
-                       "method and writes them as JSON.")
+                       description=f"Train a {attack}-trojaned CNN on scikit-learn's digits, "
+                       "then remove the backdoor with MEDIC and compare with plain cloning, "
+                       "fine-tuning and training from scratch on the 10% clean split. Prints "
+                       "ACC, ASR and seconds per method and writes them as JSON.")
     d.add_argument("--seed", type=int, default=0, help="seed of the split, poisoning, "
                    "initialisations and data order (the results are deterministic given it)")
     d.add_argument("--out", default=None, help="JSON file to write (must not exist); default "
@@ -515,7 +527,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="callable returning the clean data: a Dataset, a DataLoader or an "
                        "(X, y) pair of tensors")
         q.add_argument("--seed", type=int, default=0, help="random seed")
-        q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        q.add_argument("--no-progress", action="store_true", help="hide the progress on "
+                       "stderr (a bar on a terminal, else a line per epoch)")
 
     s = sub.add_parser("sanitize", formatter_class=fmt, help="remove a backdoor with MEDIC",
                        description="Clone a (possibly trojaned) model with importance-driven "
@@ -526,8 +539,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="where to save the clone's state_dict (must not exist)")
     d = RECIPES["default"]
     s.add_argument("--recipe", choices=tuple(RECIPES), default="default",
-                   help="the settings table the options below default to (medic_fast.medic."
-                   "recipes): the library's defaults, or the released code's recipe")
+                   help="the settings table of the options below that are not given (medic_fast."
+                   "medic.recipes): the library's defaults, or the released code's recipe")
     s.add_argument("--layers", type=_names, default=None, help="comma-separated module names to "
                    "clone; default every conv and BatchNorm output")
     s.add_argument("--tau", type=float, default=None, help=f"importance temperature (0: every "
@@ -563,7 +576,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--state", default=None, metavar="PATH", help="training state written "
                    "atomically after every epoch, to resume an interrupted run")
     s.add_argument("--resume", action="store_true", help="continue from --state, with the "
-                   "options of the run that wrote it (checked before any work)")
+                   "--weights, --data and options of the run that wrote it (checked before any "
+                   "training; a resumed run gives the uninterrupted run's clone)")
     s.add_argument("--eval-data", default=None, metavar="PKG.MODULE:FACTORY",
                    help="callable returning held-out data for per-epoch ACC")
     s.add_argument("--trigger", default=None, metavar="PKG.MODULE:NAME",
@@ -583,7 +597,17 @@ def _parser() -> argparse.ArgumentParser:
                        "(CLEAR): by default within the local hulls of the clean samples at the "
                        "model's input (--method hull), or with the paper's Algorithm 1 in a "
                        "feature space (--method paper; --backend applies to it). Prints the "
-                       "report as JSON, or writes it with --json. Never overwrites a file.")
+                       "report as JSON, or writes it with --json. Never overwrites a file.",
+                       epilog="The report: flagged and target (the verdict), pairs ([source, "
+                       "target, score] above --threshold, best first), P (the score of every "
+                       "class pair, null where no search ran), n_searches (searches run), "
+                       "n_found (searches that reached a point classified as their target), "
+                       "n_abandoned (paper: searches that left the features' range), "
+                       "pocket_sources and pocket_targets (the source and target class of each "
+                       "pocket kept: paper: every found pocket, as many as n_found; hull: only "
+                       "the points deeper than --threshold, so at most n_found), skipped "
+                       "(classes with too few correctly classified samples to search from), "
+                       "cut, backend, timing (seconds) and settings.")
     model_args(c)
     scan_defaults = _scan_defaults()
     c.add_argument("--method", choices=("hull", "paper"), default="hull", help="hull: search "
@@ -636,20 +660,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr, ``medic-fast: warning: ...``: the library source line
+    that raised it means nothing to the command's user."""
+    text = " ".join(str(message).split())
+    print(f"medic-fast: warning: {text.removeprefix('medic_fast: ')}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``medic-fast`` command."""
     args = _parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (_UserError, ValueError, TypeError) as e:  # the library's argument and data errors
-        return _fail(str(e))
-    except FloatingPointError as e:  # the training loop's stop on a non-finite loss
-        msg = str(e).replace("continue with resume=True", "run the same command with --resume")
-        print(f"medic-fast: {msg}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(_interrupted(args), file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():  # restores showwarning on return
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except (_UserError, ValueError, TypeError) as e:  # the library's argument, data errors
+            return _fail(str(e))
+        except FloatingPointError as e:  # the training loop's stop on a non-finite loss
+            msg = str(e).replace("continue with resume=True", "run the same command with --resume")
+            print(f"medic-fast: {msg}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(_interrupted(args), file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, TensorDataset
 
+from medic_fast._utils import digest, preserved_rng
+
 __all__ = ["batch_inputs", "check_pair", "check_labels", "as_dataset", "make_loader",
            "labelled_batches", "first_batch", "unpack_batch", "set_epoch", "split",
-           "RandomCropFlip"]
+           "fingerprint", "RandomCropFlip"]
 
 
 def check_pair(X, y, name: str) -> None:
@@ -143,6 +145,42 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
             return
+
+
+def fingerprint(data, name: str = "data", rows: int = 32) -> dict:
+    """What identifies ``data`` when a run is resumed, cheaply (no pass over it): the dataset's
+    type, ``shape`` (its length, then the first sample's input shape), the inputs' ``dtype``, and
+    ``sample``, a digest of ``rows`` samples spread over it (inputs and labels).
+
+    ``(X, y)`` tensors and a ``TensorDataset`` are indexed directly. Another ``Dataset``'s items
+    are read twice with the torch generator seeded (and restored): a dataset whose items still
+    differ between the reads (random transforms drawing elsewhere) gets ``sample`` None, as does
+    one whose items are not tensors, arrays or numbers, or that has no length (an iterable).
+    """
+    dataset = as_dataset(data, name)
+    size = len(dataset) if isinstance(dataset, Sized) else None
+    index = [i * size // rows for i in range(rows)] if size and size > rows else range(size or 0)
+    if isinstance(dataset, TensorDataset):
+        items = [t[torch.as_tensor(index, dtype=torch.long, device=t.device)]
+                 for t in dataset.tensors]
+        first, sample = items[0][:1], digest(items)
+    else:
+        reads, items = [], []
+        try:
+            for _ in range(2):
+                with preserved_rng():
+                    torch.manual_seed(0)
+                    items = [dataset[i] for i in index]
+                reads.append(digest(items))
+        except (TypeError, NotImplementedError):  # items not digestible, or no __getitem__
+            reads = [None]
+        sample = reads[0] if len(set(reads)) == 1 else None
+        x = items[0][0] if items and isinstance(items[0], (tuple, list)) else None
+        first = torch.as_tensor(x)[None] if isinstance(x, Tensor) \
+            or type(x).__module__ == "numpy" else None
+    return {"type": type(dataset).__name__,
+            "shape": None if first is None else [size, *first.shape[1:]],
+            "dtype": None if first is None else str(first.dtype), "sample": sample}
 
 
 def split(X: Tensor, y: Tensor, fractions: Sequence[float], *, seed: int = 0,

@@ -16,13 +16,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from medic_fast._utils import check_int, device_of, dist_shard, eval_mode, inner_module
+from medic_fast._utils import check_int, device_of, dist_shard, eval_mode, inner_module, \
+    preserved_rng
 from medic_fast.capture import (ActivationCapture, call_model, check_mask, inplace_modified,
                                 mask_applies, resolve_layers, rows_start_dim)
 from medic_fast.data import batch_inputs, make_loader
 from medic_fast.ops._validate import check_std
 
-__all__ = ["LayerStats", "collect_stats"]
+__all__ = ["LayerStats", "collect_stats", "stat_shapes"]
 
 PER = ("channel", "neuron")
 
@@ -129,6 +130,7 @@ def _all_gather_moments(moments: List[_Moments]) -> None:
             offset += 1 + 2 * k
 
 
+@preserved_rng()
 @torch.no_grad()
 def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None,
                   per: str = "channel", *, start_dim: Optional[int] = None,
@@ -170,7 +172,8 @@ def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None
     ``torch.distributed`` process group each process reads its ``rank``-th share of the data
     and the result is the statistics of all of it. A statistic that would not be finite raises
     ``ValueError`` naming the first sample whose inputs are not (NaN or inf), or else the first
-    layer whose output is not.
+    layer whose output is not. The global random generators are left as they were (iterating a
+    ``DataLoader`` draws from them).
     """
     if per not in PER:
         raise ValueError(f"per must be one of {PER}, got {per!r}")
@@ -206,6 +209,25 @@ def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None
                 raise nonfinite_error(model, x, count)
             count += _batch_len(x)
     return _finalize(names, moments, count, per)
+
+
+@torch.no_grad()
+def stat_shapes(model: nn.Module, x: Tensor, layers: Sequence[str],
+                per: str = "channel") -> List[torch.Size]:
+    """The shapes of the statistics that :func:`collect_stats` gives for ``layers`` of ``model``
+    (rows cut by default) on inputs like the batch ``x``: per channel ``[C]``, per neuron the
+    feature shape. For checking statistics from elsewhere (a checkpoint) before use; runs the
+    model on one sample, in eval mode."""
+    model = inner_module(model)
+    names = resolve_layers(model, layers)
+    with eval_mode(model), ActivationCapture(model, names) as cap:
+        call_model(model, x[:1])
+        acts = cap.outputs()
+    shapes = []
+    for module, a in zip(cap.modules, acts):
+        sd = rows_start_dim(module, a)
+        shapes.append(a.shape[sd:sd + 1] if per == "channel" else a.shape[sd:])
+    return shapes
 
 
 def _batches(data, batch_size: int):

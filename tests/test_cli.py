@@ -1,6 +1,7 @@
 """The medic-fast command: help texts, the demo, and sanitize on a user's model and data."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -254,13 +255,13 @@ def test_backend_option_is_passed_through(user_files, monkeypatch, capsys):
     import types
 
     import medic_fast
-    from medic_fast.ops._dispatch import BACKENDS
 
     _, subs = _subparsers()
-    for name in ("sanitize", "scan"):
+    for name, names in (("sanitize", ("auto", "reference", "cpp", "triton")),
+                        ("scan", ("auto", "reference", "cpp", "cuda"))):
         action = next(a for a in subs[name]._actions if a.dest == "backend")
-        assert tuple(action.choices) == BACKENDS and action.default == "auto"
-        assert all(b in action.help for b in BACKENDS)
+        assert tuple(action.choices) == names and action.default == "auto"  # what the op takes
+        assert all(f"{b}:" in action.help for b in names)
     seen = {}
 
     def sanitize(*args, **kwargs):
@@ -279,10 +280,10 @@ def test_backend_option_is_passed_through(user_files, monkeypatch, capsys):
     capsys.readouterr()
     # a backend that cannot run the command's op here is refused before any work
     _no_work(monkeypatch)
-    assert cli.main(["sanitize", *user_files, "--out", "o2.pt", "--backend", "cuda"]) == 2
-    assert "--backend 'cuda': " in _error(capsys)
-    assert cli.main(["scan", *user_files[:-1], "--backend", "triton"]) == 2
+    assert cli.main(["sanitize", *user_files, "--out", "o2.pt", "--backend", "triton"]) == 2
     assert "--backend 'triton': " in _error(capsys)
+    assert cli.main(["scan", *user_files[:-1], "--backend", "cuda"]) == 2
+    assert "--backend 'cuda': " in _error(capsys)
 
 
 def test_numeric_and_list_options_are_checked_by_the_parser(capsys):
@@ -303,8 +304,9 @@ def test_numeric_and_list_options_are_checked_by_the_parser(capsys):
 
 def test_weights_that_cannot_be_used_are_one_line_errors(user_files, tmp_path, monkeypatch,
                                                          capsys):
-    """Unreadable, a pickled module, a tensor, a training state, another architecture: one line
-    naming --weights (and --model), read with weights_only=True; before any work."""
+    """Unreadable (empty, random, cut short: not "Invalid argument"), a pickled module, a tensor,
+    a training state, another architecture: one line naming --weights (and --model) and saying
+    what the file holds, read with weights_only=True; before any work."""
     assert cli.main(["sanitize", *user_files, "--out", "o.pt", "--state", "s.pt", "--epochs", "1",
                      "--backend", "reference"]) == 0
     capsys.readouterr()
@@ -312,6 +314,8 @@ def test_weights_that_cannot_be_used_are_one_line_errors(user_files, tmp_path, m
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "random.pt").write_bytes(bytes(range(7, 256)) * 8)
     torch.save(models.DigitsCNN((4, 8, 8)), tmp_path / "module.pt")
+    whole = (tmp_path / "in.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[:len(whole) // 2])
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     torch.save(models.MLP().state_dict(), tmp_path / "mlp.pt")
     torch.save({"model": models.DigitsCNN((4, 8, 16)).state_dict()}, tmp_path / "wide.pt")
@@ -319,7 +323,11 @@ def test_weights_that_cannot_be_used_are_one_line_errors(user_files, tmp_path, m
         "empty.pt": "--weights 'empty.pt': is not a readable weights file (the file is empty); "
                     "give the model's state_dict, saved with torch.save(model.state_dict(), PATH)",
         "random.pt": "--weights 'random.pt': is not a readable weights file (not a torch.save "
-                     "file, or truncated); give",
+                     "file (neither a zip archive nor a pickle: it starts with b'\\x07\\x08')); "
+                     "give",
+        "cut.pt": f"--weights 'cut.pt': is not a readable weights file (a zip archive cut short "
+                  f"at {len(whole) // 2} bytes: a truncated torch.save file); give",
+
         "module.pt": "(it holds a pickled medic_fast.zoo.models.DigitsCNN",
         "tensor.pt": "--weights 'tensor.pt': holds a Tensor, not a state_dict; give",
         "s.pt": "--weights 's.pt': is a training state written by --state, not model weights; "
@@ -352,14 +360,15 @@ def test_resume_checks_the_state_before_any_work(user_files, tmp_path, monkeypat
     cases = [
         (["--state", "empty.pt"], "--state 'empty.pt': is not a readable medic_fast training "
                                   "state (the file is empty); give the --state file of the run "
-                                  "to continue, or another --state path without --resume"),
+                                  "to continue, with that run's --weights, --data and options, "
+                                  "or another --state path without --resume"),
         (["--state", "no-optimizer.pt"], "(no 'optimizer' entry)"),
         (["--state", "in.pt"], "--state 'in.pt': is not a readable medic_fast training state "
                                "(it holds a model's state_dict, not a training state)"),
         (["--state", "s.pt", "--epochs", "3", "--lr", "0.5"],
-         "--state 's.pt': was written with other settings: --epochs 1 (now 3), --lr 0.01 (now "
-         "0.5); give the options of the run that wrote it, or another --state path without "
-         "--resume"),
+         "--state 's.pt': was written by another run: --epochs 1 (now 3), --lr 0.01 (now 0.5); "
+         "give the --state file of the run to continue, with that run's --weights, --data and "
+         "options, or another --state path without --resume"),
         (["--state", "s.pt", "--layers", "features.0"], "--layers features.0,features.1,"),
     ]
     for extra, message in cases:
@@ -379,25 +388,28 @@ from torch import nn
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3)
-        self.fc = nn.Linear(32, 2)
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(64, 3)
 
     def forward(self, x):
         time.sleep(float(os.environ.get("SLOWMOD_SLEEP", "0")))
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
 
 
 def data():
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(16, 1, 6, 6, generator=g)
-    return X, (X.mean((1, 2, 3)) > 0).long()
+    X = torch.randn(40, 1, 6, 6, generator=g)
+    return X, torch.randint(3, (40,), generator=g)
 """
 
 
 @pytest.mark.faults
 def test_ctrl_c_during_sanitize_says_how_to_resume(tmp_path, monkeypatch, capsys):
     """SIGINT to a real `medic-fast sanitize --state` after its first epoch: one line naming
-    --resume, rc 130; the same command with --resume then continues from the saved epoch."""
+    --resume, rc 130; the same command with --resume then continues from the saved epoch, to
+    the clone of an uninterrupted run, bit for bit (with the teacher cache, on by default:
+    batches of 12, 12, 12 and 4)."""
     import importlib
     import signal
     import time
@@ -407,7 +419,7 @@ def test_ctrl_c_during_sanitize_says_how_to_resume(tmp_path, monkeypatch, capsys
     torch.manual_seed(0)
     torch.save(importlib.import_module("slowmod").Net().state_dict(), tmp_path / "in.pt")
     args = ["sanitize", "--model", "slowmod:Net", "--weights", "in.pt", "--data", "slowmod:data",
-            "--out", "clone.pt", "--state", "state.pt", "--epochs", "300", "--batch-size", "16",
+            "--out", "clone.pt", "--state", "state.pt", "--epochs", "100", "--batch-size", "12",
             "--backend", "reference", "--no-progress"]
     env = dict(os.environ, SLOWMOD_SLEEP="0.02", OMP_NUM_THREADS="1")
     # A terminal's Ctrl-C reaches a process whose SIGINT is at its default. An earlier test in
@@ -429,11 +441,17 @@ def test_ctrl_c_during_sanitize_says_how_to_resume(tmp_path, monkeypatch, capsys
     assert err == "medic-fast: interrupted; run the same command with --resume to continue from " \
         "the last completed epoch, saved in --state 'state.pt'\n"
     saved = torch.load(tmp_path / "state.pt", weights_only=True)["history"]
-    assert 1 <= len(saved) < 300 and not (tmp_path / "clone.pt").exists()
+    assert 1 <= len(saved) < 100 and not (tmp_path / "clone.pt").exists()
     monkeypatch.chdir(tmp_path)
     assert cli.main(args + ["--resume", "--history", "h.json"]) == 0
     history = json.loads((tmp_path / "h.json").read_text())
-    assert len(history) == 300 and history[:len(saved)] == saved
+    assert len(history) == 100 and history[:len(saved)] == saved
+    whole = [a.replace("clone.pt", "whole.pt").replace("state.pt", "whole-state.pt")
+             for a in args]
+    assert cli.main(whole) == 0
+    clone, uninterrupted = (torch.load(tmp_path / f, weights_only=True)
+                            for f in ("clone.pt", "whole.pt"))
+    assert all(torch.equal(v, uninterrupted[k]) for k, v in clone.items())
 
 
 def test_ctrl_c_without_state_says_state_would_allow_resuming(user_files, monkeypatch, capsys):
@@ -473,3 +491,181 @@ def test_bad_clean_data_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "sample 5" in err and "NaN" in err and not (tmp_path / "o.pt").exists()
+
+
+def test_resume_refuses_other_weights_data_or_a_state_that_does_not_fit(user_files, tmp_path,
+                                                                        capsys):
+    """--resume with other --weights or --data than the run that wrote --state, or from a state
+    whose epoch or tensors do not fit the run: rc 2 and one line naming --state and what
+    differs, in the command's words, no clone written; the run's own files resume."""
+    (tmp_path / "othermod.py").write_text(textwrap.dedent("""
+        import torch
+
+        def clean():
+            return torch.rand(64, 1, 8, 8), torch.randint(10, (64,))
+    """))
+    run = ["sanitize", *user_files, "--out", "o.pt", "--epochs", "2", "--state", "s.pt"]
+    assert cli.main(run) == 0
+    os.remove("o.pt")
+    capsys.readouterr()
+    torch.save(models.DigitsCNN((4, 8, 8)).state_dict(), "other.pt")
+    state = torch.load("s.pt", weights_only=True)
+    torch.save(dict(state, epoch=-3), "bad_epoch.pt")
+    shapes = dict(state["model"], **{"features.0.weight": torch.zeros(5, 1, 3, 3)})
+    torch.save(dict(state, model=shapes), "bad_model.pt")
+    cases = [
+        (["--weights", "other.pt"], "--state 's.pt': was written by another run: --weights: "
+                                    "other values (digest "),
+        (["--data", "othermod:clean"], "--state 's.pt': was written by another run: --data: ",
+         "other values in the sampled rows (digest "),
+        (["--state", "bad_epoch.pt"], "--state 'bad_epoch.pt': does not fit this run: 'epoch' "
+                                      "is -3, expected 1 to 2"),
+        (["--state", "bad_model.pt"], "--state 'bad_model.pt': does not fit this run: 'model' "
+                                      "does not fit the model (shape of features.0.weight: "
+                                      "[5, 1, 3, 3] in the file, [4, 1, 3, 3] in the model)"),
+    ]
+    for extra, *messages in cases:
+        assert cli.main(run + ["--resume", *extra]) == 2, extra
+        err = _error(capsys)
+        assert all(m in err for m in messages), err
+        assert "checkpoint" not in err and "resume=True" not in err, err
+        assert not os.path.exists("o.pt")
+    assert cli.main(run + ["--resume"]) == 0
+
+
+USER_MODELS = """
+import torch
+from torch import nn
+from medic_fast.zoo import datasets, models
+
+
+class Aux(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = models.DigitsCNN((4, 8, 8))
+
+    def forward(self, x):
+        logits = self.net(x)
+        return logits, logits.square().mean()
+
+
+def cnn():
+    return models.DigitsCNN((4, 8, 8))
+
+
+def cnn64():
+    return models.DigitsCNN((4, 8, 8)).double()
+
+
+def clean():
+    return torch.rand(64, 1, 8, 8), torch.randint(10, (64,))
+
+
+def bytes8():
+    return torch.randint(256, (64, 1, 8, 8), dtype=torch.uint8), torch.randint(10, (64,))
+
+
+def one_class():
+    return torch.rand(64, 1, 8, 8), torch.full((64,), 3)
+"""
+
+
+def test_models_and_data_that_sanitize_takes_or_refuses_in_one_line(tmp_path, monkeypatch,
+                                                                    capsys):
+    """A model returning ``(logits, aux)`` is sanitized, with evaluation; 8-bit images, float32
+    inputs to a float64 model, clean data of one class and --device cuda on a build without
+    CUDA are one line each naming what was expected, before any training."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "models_.py").write_text(USER_MODELS)
+    import models_
+
+    torch.save(models_.Aux().state_dict(), "aux.pt")
+    torch.save(models_.cnn().state_dict(), "cnn.pt")
+    torch.save(models_.cnn64().state_dict(), "cnn64.pt")
+    base = ["sanitize", "--epochs", "2", "--no-progress", "--out", "o.pt"]
+    assert cli.main(base + ["--model", "models_:Aux", "--weights", "aux.pt", "--data",
+                            "models_:clean", "--eval-data", "models_:clean"]) == 0
+    assert "wrote o.pt (epoch 2: loss " in capsys.readouterr().out and os.path.exists("o.pt")
+    os.remove("o.pt")
+    cnn = ["--model", "models_:cnn", "--weights", "cnn.pt"]
+    cases = [
+        (cnn + ["--data", "models_:bytes8"], "data: inputs are torch.uint8, but the model "
+         "computes in torch.float32; give floating-point inputs (X.to(torch.float32), divided "
+         "by 255 for 8-bit images)"),
+        (["--model", "models_:cnn64", "--weights", "cnn64.pt", "--data", "models_:clean"],
+         "data: inputs are torch.float32, but the model computes in torch.float64; give inputs "
+         "of the model's dtype (X.to(torch.float64)), or convert the model "
+         "(model.to(torch.float32))"),
+        (cnn + ["--data", "models_:clean", "--eval-data", "models_:bytes8"],
+         "eval_data: inputs are torch.uint8, but the model computes in torch.float32"),
+        (cnn + ["--data", "models_:one_class"], "data: every label is 3; clean data must hold "
+         "at least two classes"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((cnn + ["--data", "models_:clean", "--device", "cuda"],
+                      "--device 'cuda': this PyTorch cannot use CUDA (a CPU-only build); use "
+                      "'cpu'"))
+    for extra, message in cases:
+        assert cli.main(base + extra) == 2, extra
+        assert message in _error(capsys), extra
+        assert not os.path.exists("o.pt")
+
+
+def test_help_shows_one_default_per_option_the_demo_attack_and_the_scan_report(capsys):
+    """Each option's help gives its default once (not "(default 20.0) (default: None)"); the
+    demo's help names the attack it runs; scan's help explains the report's fields, such as
+    pocket_sources against n_found."""
+    from medic_fast.zoo.demo import ATTACKS, DEMO_SETTINGS
+
+    _, subs = _subparsers()
+    for name, sub in subs.items():
+        fmt = sub._get_formatter()
+        for action in sub._actions:
+            own, _, appended = fmt._expand_help(action).partition(" (default: ")
+            assert not (appended and re.search(r"\bdefault\b", own)) and appended != "None)", \
+                (name, action.option_strings, own, appended)
+        with pytest.raises(SystemExit):
+            cli.main([name, "--help"])
+        assert "(default: None)" not in capsys.readouterr().out
+    attack = type(ATTACKS[DEMO_SETTINGS["attack"]](0)).__name__
+    assert subs["demo"].description.startswith(f"Train a {attack}-trojaned CNN")
+    epilog = " ".join(subs["scan"].epilog.split())
+    assert "n_found (searches that reached a point classified as their target)" in epilog
+    assert "hull: only the points deeper than --threshold, so at most n_found" in epilog
+
+
+def test_progress_is_a_line_per_epoch_on_a_log_and_says_why_epochs_are_stretched(user_files,
+                                                                                 tmp_path):
+    """stderr not a terminal (a pipe): one line per epoch, not a bar redrawn at every step;
+    first, once, why the run has more epochs than the recipe's 60."""
+    args = [a for a in user_files if a != "--no-progress"]
+    r = subprocess.run([sys.executable, "-m", "medic_fast.cli", "sanitize", *args, "--out",
+                        "o.pt", "--min-steps", "150", "--batch-size", "32"], cwd=tmp_path,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    first, *lines = r.stderr.splitlines()
+    assert first == ("medic: 75 epochs of 2 steps: the recipe's 60 epochs stretched to "
+                     "min_steps=150 optimizer steps, as a small clean set needs (give epochs "
+                     "alone for exactly that many)")
+    assert [line.split(",")[0] for line in lines] == [f"medic: epoch {e}/75" for e in range(1, 76)]
+    assert "\r" not in r.stderr and len(r.stderr) < 80 * 76
+    assert "wrote o.pt (epoch 75: loss" in r.stdout
+
+
+def test_demo_progress_is_labelled_by_phase(capsys):
+    """Each of the demo's phases shows progress labelled by the phase's name (the trojan's
+    training is not "scratch", plain cloning is not "medic")."""
+    from medic_fast.zoo.demo import run_demo
+
+    run_demo(0, progress=True, settings=dict(trojan_epochs=1, epochs=1, min_steps=0))
+    phases = {}
+    for line in capsys.readouterr().err.splitlines():
+        if line.startswith("["):
+            phase = phases.setdefault(line.split("] ", 1)[1], [])
+        else:
+            phase.append(line)
+    assert {name: [line.split(",")[0] for line in lines] for name, lines in phases.items()} == {
+        name: [f"{name}: epoch 1/1"] for name in ("trojaned", "medic", "plain cloning",
+                                                  "finetune", "scratch")}

@@ -155,7 +155,8 @@ def blobs():
 
 def test_sanitize_and_scan_work_without_a_compiler(tmp_path):
     """The extension's build fails (the compiler is /bin/false, the cache is empty): each
-    command warns once and runs the reference."""
+    command warns once, in one line of its own words (no library source line), and runs the
+    reference; ``sanitize`` called from a script warns at the script's line."""
     (tmp_path / "usermod.py").write_text(USER_MODULE)
     torch.manual_seed(0)
     torch.save(models.DigitsCNN((4, 8, 8)).state_dict(), tmp_path / "cnn.pt")
@@ -178,6 +179,25 @@ def test_sanitize_and_scan_work_without_a_compiler(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count(warning) == 1 and "wrote clone.pt" in r.stdout
+    lines = r.stderr.splitlines()
+    assert [line for line in lines if warning in line] == \
+        [line for line in lines if line.startswith(f"medic-fast: warning: {warning}")]
+    assert "Warning:" not in r.stderr and ".py:" not in r.stderr, r.stderr
+    (tmp_path / "user.py").write_text(textwrap.dedent("""
+        import json, warnings
+        import medic_fast
+        from usermod import cnn, digits
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            medic_fast.sanitize(cnn(), digits(), epochs=1, progress=False)
+        print(json.dumps([[str(w.message), w.filename, w.lineno] for w in caught]))
+    """))
+    r = subprocess.run([sys.executable, "user.py"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    (message, filename, lineno), = json.loads(r.stdout.splitlines()[-1])
+    assert warning in message and (filename, lineno) == (str(tmp_path / "user.py"), 8)
     models.DigitsCNN((4, 8, 8)).load_state_dict(torch.load(tmp_path / "clone.pt",
                                                            weights_only=True))
     r = subprocess.run(cmd + ["scan", "--model", "usermod:mlp", "--weights", "mlp.pt",
@@ -197,15 +217,30 @@ def _training_state(path, epoch=1, model=None):
     """A training state as :func:`medic_fast.train.fit` writes it (config ``{"run": 1}``)."""
     from medic_fast.train import CHECKPOINT_FORMAT
 
-    save_atomic({"format": CHECKPOINT_FORMAT, "config": {"run": 1}, "epoch": epoch,
-                 "model": model or {"w": torch.ones(3)}, "optimizer": {}, "scheduler": {},
-                 "history": []}, path)
+    save_atomic({"format": CHECKPOINT_FORMAT, "version": medic_fast.__version__,
+                 "config": {"run": 1}, "epoch": epoch, "model": model or {"w": torch.ones(3)},
+                 "optimizer": {}, "scheduler": {},
+                 "history": [{"epoch": e + 1, "time": 0.0} for e in range(epoch)]}, path)
 
 
-def test_load_checkpoint_says_why_a_file_is_not_a_training_state(tmp_path):
-    """Empty, random, truncated, a missing entry, a pickled module, model weights: one
-    ValueError ``<path> is not a readable medic_fast checkpoint (<reason>)``, never a bare
+class _Mkdir:
+    """Pickles as a call of ``os.mkdir(path)``: what a malicious file could run when loaded."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_load_checkpoint_says_what_a_file_holds_that_is_not_a_training_state(tmp_path):
+    """Empty, random, a torch.save file cut short (early or late: not "Invalid argument"), a
+    pickle cut short, a plain pickle, a pickle that would run code (blocked: nothing runs), a
+    missing entry, a pickled module, model weights: one ``CheckpointError`` ``checkpoint <path>
+    is not a readable medic_fast training state (<what the file holds>)``, never a bare
     EOFError/KeyError or torch's advice to load with weights_only=False."""
+    import pickle
+
     from medic_fast.train import load_checkpoint
 
     good = tmp_path / "good.pt"
@@ -214,27 +249,44 @@ def test_load_checkpoint_says_why_a_file_is_not_a_training_state(tmp_path):
     no_optimizer = torch.load(good, weights_only=True)
     del no_optimizer["optimizer"]
     bad_epoch = dict(no_optimizer, optimizer={}, epoch="1")
+    whole, pwned = good.read_bytes(), tmp_path / "pwned"
     cases = {
         "empty": (b"", "the file is empty"),
-        "random": (bytes(range(7, 256)) * 8, "not a torch.save file, or truncated"),
-        "truncated": (good.read_bytes()[:200], "not a torch.save file, or truncated"),
+        "random": (bytes(range(7, 256)) * 8, "not a torch.save file (neither a zip archive nor "
+                                             "a pickle: it starts with b'\\x07\\x08')"),
+        "early": (whole[:200], "a zip archive cut short at 200 bytes: a truncated torch.save"),
+        "late": (whole[:len(whole) // 2], f"a zip archive cut short at {len(whole) // 2} bytes"),
+        "pickle_cut": (pickle.dumps(list(range(300)), protocol=2)[:100],
+                       "a pickle (protocol 2) cut short at 100 bytes (truncated)"),
+        "plain_pickle": (pickle.dumps({"w": [1.0]}, protocol=4),
+                         "a pickle (protocol 4), not a torch.save file"),
+        "malicious_pickle": (pickle.dumps(_Mkdir(pwned), protocol=4),
+                             "a pickle (protocol 4) that refers to posix.mkdir, not a torch.save"),
+        "malicious": ({"model": _Mkdir(pwned)}, "it holds a pickled posix.mkdir, blocked: only "
+                                                "tensors and plain containers are loaded"),
         "no_optimizer": (no_optimizer, "no 'optimizer' entry"),
         "bad_epoch": (bad_epoch, "'epoch' is str, expected int"),
-        "module": (models.MLP(), "it holds a pickled medic_fast.zoo.models.MLP"),
+        "module": (models.MLP(), "it holds a pickled medic_fast.zoo.models.MLP, blocked"),
         "weights": (models.MLP().state_dict(), "a model's state_dict, not a training"),
         "list": ([1, 2], "no 'format': 'medic_fast.train/1' entry"),
     }
-    for name, (content, reason) in cases.items():
+    said = {}
+    for name, (content, _) in cases.items():
         path = tmp_path / f"{name}.pt"
         if isinstance(content, bytes):
             path.write_bytes(content)
         else:
             torch.save(content, path)
-        with pytest.raises(ValueError) as e:
+        with pytest.raises(ValueError) as e:  # a CheckpointError
             load_checkpoint(path, True, {"run": 1})
-        msg = str(e.value)
-        assert msg.startswith(f"{str(path)!r} is not a readable medic_fast checkpoint ("), name
-        assert reason in msg and "\n" not in msg and "weights_only" not in msg, (name, msg)
+        said[name] = str(e.value)
+    assert not pwned.exists()
+    assert {n: m for n, m in said.items() if cases[n][1] not in m} == {}
+    for name, msg in said.items():
+        assert "\n" not in msg and "weights_only" not in msg, (name, msg)
+        path = str(tmp_path / f"{name}.pt")
+        assert msg.startswith(f"checkpoint {path!r} is not a readable medic_fast training "
+                              "state ("), (name, msg)
 
 
 def test_a_writer_killed_while_saving_keeps_the_previous_state_readable(tmp_path):
@@ -253,9 +305,9 @@ def test_a_writer_killed_while_saving_keeps_the_previous_state_readable(tmp_path
         big = torch.ones(2 ** 24)
         for epoch in range(1, 10 ** 6):
             w = big[:3].clone() if epoch == 1 else big
-            save_atomic({{"format": CHECKPOINT_FORMAT, "config": {{"run": 1}}, "epoch": epoch,
-                         "model": {{"w": w}}, "optimizer": {{}}, "scheduler": {{}},
-                         "history": []}}, {str(target)!r})
+            save_atomic({{"format": CHECKPOINT_FORMAT, "version": {medic_fast.__version__!r},
+                         "config": {{"run": 1}}, "epoch": epoch, "model": {{"w": w}},
+                         "optimizer": {{}}, "scheduler": {{}}, "history": []}}, {str(target)!r})
     """)
     with subprocess.Popen([sys.executable, "-c", script]) as writer:
         temp = tmp_path / f"state.pt.tmp{writer.pid}"

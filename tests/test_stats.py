@@ -141,3 +141,33 @@ def test_collect_stats_takes_input_only_batches_and_dicts():
     from_dicts = mf.collect_stats(model, dicts, ["layers.0"])
     torch.testing.assert_close(from_dicts.mean[0], ref.mean[0])
     assert from_dicts.count == 20
+
+
+def test_collect_stats_leaves_the_global_generator_as_it_was():
+    """Iterating a DataLoader draws a seed from the global generator: after collect_stats (on
+    tensors, or a user's shuffling DataLoader) ``torch.rand`` gives what it would have given
+    without the call."""
+    model = models.DigitsCNN((4, 6, 8))
+    X, y = torch.rand(40, 1, 8, 8), torch.randint(10, (40,))
+    for data in ((X, y), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y),
+                                                     batch_size=16, shuffle=True)):
+        seed = int(torch.randint(2 ** 31, ()))
+        torch.manual_seed(seed)
+        expected = torch.rand(5)
+        torch.manual_seed(seed)
+        mf.collect_stats(model, data, batch_size=16)
+        assert torch.equal(torch.rand(5), expected), type(data).__name__
+
+
+@pytest.mark.parametrize("per", ["channel", "neuron"])
+def test_stat_shapes_are_those_of_collected_statistics(per):
+    """stat_shapes (what a checkpoint's statistics are checked against) gives the shapes of
+    collect_stats' statistics, for conv maps, BatchNorm outputs and token rows."""
+    from medic_fast.stats import stat_shapes
+
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(2),
+                          nn.Linear(36, 5))
+    X = torch.randn(12, 1, 8, 8)
+    layers = ["0", "1", "3"]
+    stats = mf.collect_stats(model, (X, torch.zeros(12, dtype=torch.long)), layers, per=per)
+    assert stat_shapes(model, X[:4], layers, per) == [m.shape for m in stats.mean]

@@ -115,3 +115,15 @@ def test_checkpoint_in_a_missing_directory_fails_before_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.*does not exist"):
         mf.finetune(Net(), (X, y), epochs=1, progress=False, checkpoint=path)
     assert not calls
+
+
+def test_evaluate_leaves_the_global_generator_as_it_was():
+    """Iterating its loader draws a seed from the global generator: after evaluate,
+    ``torch.rand`` gives what it would have given without the call."""
+    X, y = torch.rand(30, 1, 4, 4) * 0.9, torch.randint(10, (30,))  # the oracle's classes 0-9
+    seed = int(torch.randint(2 ** 31, ()))
+    torch.manual_seed(seed)
+    expected = torch.rand(5)
+    torch.manual_seed(seed)
+    mf.evaluate(_Oracle(), X, y, batch_size=8)
+    assert torch.equal(torch.rand(5), expected)

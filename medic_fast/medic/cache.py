@@ -64,11 +64,20 @@ class TeacherCache:
                              f"[{int(index.min())}, {int(index.max())}]")
         return index
 
+    def covers(self, index: Tensor) -> bool:
+        """Whether every sample of ``index`` is cached (what :meth:`get` needs)."""
+        index = self._check(index)
+        return self.filled is not None and bool(self.filled[index.to(self.filled.device)].all())
+
+    @property
+    def complete(self) -> bool:
+        """Whether every sample is cached."""
+        return self.filled is not None and bool(self.filled.all())
+
     def get(self, index: Tensor) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
         """``(acts, grads)`` of the samples ``index`` as one batch (gradients of the batch-mean
         CE), or None if any of them is not cached yet."""
-        index = self._check(index)
-        if self.filled is None or not bool(self.filled[index.to(self.filled.device)].all()):
+        if not self.covers(index):
             self.misses += 1
             return None
         self.hits += 1

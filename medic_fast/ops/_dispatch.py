@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from medic_fast import _extension
+from medic_fast._utils import user_stacklevel
 
 __all__ = ["BACKENDS", "KERNELS", "check", "resolve"]
 
@@ -100,4 +101,4 @@ def _warn_once(error: str) -> None:
         _warned = True
         warnings.warn("medic_fast: backend='auto' runs the plain-PyTorch reference instead of the "
                       "fused kernels: same results, several times slower. To get them back: "
-                      f"{error}", stacklevel=4)
+                      f"{error}", stacklevel=user_stacklevel())

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from medic_fast._utils import user_stacklevel
 from medic_fast.ops import _dispatch
 from medic_fast.reference.importance_clone import CRITERIA
 
@@ -98,7 +99,7 @@ def check_std(name: str, std: Tensor) -> None:
         warnings.warn(f"{name} is 0 at {int((std == 0).sum())} of {std.numel()} entries: eps "
                       "alone divides there, so those neurons may dominate the loss (a constant "
                       "or dead channel in the statistics?); shown once per process",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _normalize_start_dim(start_dim, ndim: int, where: str) -> int:

@@ -38,10 +38,11 @@ DEFINITIONS = {"ACC": "accuracy on the clean test split",
 
 def run_demo(seed: int = 0, progress: bool = True, settings: Optional[dict] = None,
              threads: Optional[int] = 1) -> dict:
-    """The digits demo: train a BadNets-trojaned CNN, then MEDIC, fine-tuning and training from
-    scratch on the 10% clean split; returns the settings, one row per method (ACC, ASR,
-    seconds) and the wall-clock per phase (``"extension"``: building or loading the C++
-    extension, before the rest). Deterministic given ``seed`` (timings aside).
+    """The digits demo: train a CNN trojaned by ``DEMO_SETTINGS["attack"]`` (Blend), then MEDIC,
+    plain cloning, fine-tuning and training from scratch on the 10% clean split; returns the
+    settings, one row per method (ACC, ASR, seconds) and the wall-clock per phase
+    (``"extension"``: building or loading the C++ extension, before the rest). Deterministic
+    given ``seed`` (timings aside).
 
     ``threads``: torch intra-op threads for the run (restored after; None: leave as is). The
     models are tiny, so one thread is as fast as several on an idle machine and much faster on a
@@ -76,29 +77,32 @@ def _demo(seed: int, progress: bool, s: dict) -> dict:
     poisoned = attack.poison(Xtr, ytr, s["poison_rate"], s["target"], seed)
     ev = dict(trigger=attack, target=s["target"])
     epochs = training_epochs(s["epochs"], s["min_steps"], -(-len(yc) // s["batch_size"]))
-    common = dict(epochs=epochs, batch_size=s["batch_size"], seed=seed, progress=progress)
+    common = dict(epochs=epochs, batch_size=s["batch_size"], seed=seed)
     rows: List[dict] = []
     phases["data"] = time.perf_counter() - t_data
 
     def run(name, fn):
+        """Phase ``name``: ``fn(progress)`` trains its model, the progress labelled ``name``."""
         if progress:
             print(f"[{len(rows) + 1}/5] {name}", file=sys.stderr)
         t0 = time.perf_counter()
-        model = fn().model
+        model = fn(progress and name).model
         phases[name] = time.perf_counter() - t0
         rows.append({"method": name, **mf.evaluate(model, Xte, yte, **ev),
                      "seconds": phases[name]})
         return model
 
-    trojan = run("trojaned", lambda: mf.train_from_scratch(
+    trojan = run("trojaned", lambda bar: mf.train_from_scratch(
         models.DigitsCNN(s["channels"]), (poisoned.X, poisoned.y), epochs=s["trojan_epochs"],
-        lr=s["trojan_lr"], batch_size=s["batch_size"], seed=seed, progress=progress))
+        lr=s["trojan_lr"], batch_size=s["batch_size"], seed=seed, progress=bar))
     clean = (Xc, yc)
     for name, tau in (("medic", s["tau"]), ("plain cloning", 0.0)):
-        run(name, lambda: mf.sanitize(trojan, clean, tau=tau, lam=s["lam"], lr=s["lr"],
-                                      **common))
-    run("finetune", lambda: mf.finetune(trojan, clean, lr=s["finetune_lr"], **common))
-    run("scratch", lambda: mf.train_from_scratch(trojan, clean, lr=s["lr"], **common))
+        run(name, lambda bar: mf.sanitize(trojan, clean, tau=tau, lam=s["lam"], lr=s["lr"],
+                                          progress=bar, **common))
+    run("finetune", lambda bar: mf.finetune(trojan, clean, lr=s["finetune_lr"], progress=bar,
+                                            **common))
+    run("scratch", lambda bar: mf.train_from_scratch(trojan, clean, lr=s["lr"], progress=bar,
+                                                     **common))
     phases["total"] = time.perf_counter() - t_all
     return {"seed": seed, "settings": s, "samples": {"trojan_train": len(ytr), "clean": len(yc),
                                                     "test": len(yte),

@@ -129,3 +129,55 @@ def test_sanitize_caches_only_where_inputs_repeat(setup, monkeypatch):
         mf.sanitize(teacher, DataLoader(TensorDataset(X, y), batch_size=8), cache=True, **kw)
     with pytest.raises(ValueError, match="cache must be"):
         mf.sanitize(teacher, (X, y), cache="yes", **kw)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAt:
+    """A trigger (a horizontal flip) that interrupts training at its call ``n + 1``: in the
+    evaluation of epoch ``n + 1``, before that epoch is saved."""
+
+    def __init__(self, n=None):
+        self.n, self.calls = n, 0
+
+    def __call__(self, x):
+        self.calls += 1
+        if self.n is not None and self.calls > self.n:
+            raise _Stop
+        return x.flip(-1)
+
+
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one_with_the_cache(tmp_path,
+                                                                              monkeypatch):
+    """cache="auto" (the default): a run interrupted after epoch 3 and resumed gives the
+    uninterrupted run's clone bit for bit, from the same cache. The uninterrupted run fills the
+    cache in its first epoch, in batches of 48, 48 and 4 samples; a sample's CE gradient
+    recomputed in a batch of another size differs in its last bits, so the resumed run refills
+    the cache from the first epoch's batches rather than from its own."""
+    made = []
+    real = mf.medic.sanitize.__globals__["TeacherCache"]
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setitem(mf.medic.sanitize.__globals__, "TeacherCache", spy)
+    model = models.DigitsCNN((4, 6, 8))
+    X, y = torch.rand(100, 1, 8, 8), torch.randint(10, (100,))
+    path = tmp_path / "s.pt"
+    kw = dict(epochs=8, batch_size=48, progress=False, eval_data=(X[:40], y[:40]), target=0)
+    full = mf.sanitize(model, (X, y), trigger=_StopAt(), **kw)
+    with pytest.raises(_Stop):
+        mf.sanitize(model, (X, y), trigger=_StopAt(3), checkpoint=path, **kw)
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+    resumed = mf.sanitize(model, (X, y), trigger=_StopAt(), checkpoint=path, resume=True, **kw)
+    for (k, v), w in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert full.history == [dict(h, time=f["time"]) for h, f in zip(resumed.history,
+                                                                    full.history)]
+    assert len(made) == 3
+    for a, b in zip(made[0].acts + made[0].grads, made[2].acts + made[2].grads):
+        assert torch.equal(a, b)
+    assert made[2].hits == 5 * 3  # epochs 4-8 from the refilled cache

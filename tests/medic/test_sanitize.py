@@ -283,6 +283,173 @@ def test_nan_loss_stops_naming_the_step(trojan, tmp_path):
         mf.finetune(model, (torch.full_like(X, float("inf")), y), epochs=1, progress=False)
 
 
+def _small_run(tmp_path, epochs=2):
+    """A fresh model, random clean data (96 samples, 2 batches per epoch) and the options of a
+    sanitize run checkpointed to ``tmp_path / "s.pt"``, run once."""
+    model = models.DigitsCNN((4, 6, 8))
+    X, y = torch.rand(96, 1, 8, 8), torch.randint(10, (96,))
+    kw = dict(epochs=epochs, batch_size=48, progress=False, checkpoint=tmp_path / "s.pt")
+    mf.sanitize(model, (X, y), **kw)
+    return model, (X, y), kw
+
+
+def test_resume_refuses_other_weights_data_version_or_settings(tmp_path):
+    """The state records the library version, a digest of the teacher's weights, the data's
+    shape, dtype and a digest of sampled rows, and the settings: resuming with any of them
+    different is refused in one line naming what differs (not a clone of two teachers), and
+    the state is left as it was."""
+    model, (X, y), kw = _small_run(tmp_path)
+    path = kw["checkpoint"]
+    saved = path.read_bytes()
+    other = models.DigitsCNN((4, 6, 8))
+    cases = [
+        (dict(model=other), "weights", "weights: other values (digest "),
+        (dict(data=(torch.rand_like(X), y)), "data", "data: other values in the sampled rows"),
+        (dict(data=(X[:90], y[:90])), "data", "data: shape [96, 1, 8, 8] (now [90, 1, 8, 8])"),
+        (dict(data=(X, torch.randint(10, (96,)))), "data", "data: other values in the sampled"),
+        (dict(tau=1.0), "tau", "tau 20.0 (now 1.0)"),
+    ]
+    for change, what, message in cases:
+        run = {"model": model, "data": (X, y), **change}
+        with pytest.raises(ValueError) as e:
+            mf.sanitize(run.pop("model"), run.pop("data"), resume=True, **kw, **run)
+        msg = str(e.value)
+        assert message in msg and "\n" not in msg, msg
+        assert msg.startswith(f"checkpoint {str(path)!r} was written by another run: "), msg
+        assert [d[0] for d in e.value.diff] == [what]  # a CheckpointError's differences
+    assert path.read_bytes() == saved
+    state = torch.load(path, weights_only=True)
+    assert state["version"] == mf.__version__ and set(state["inputs"]) == {"weights", "data"}
+    torch.save(dict(state, version="0.0.1"), path)
+    with pytest.raises(ValueError, match=r"another run: medic_fast 0\.0\.1 \(now "):
+        mf.sanitize(model, (X, y), resume=True, **kw)
+
+
+def test_resume_refuses_a_state_that_does_not_fit_the_run(tmp_path):
+    """A state whose epoch is out of range (not 3 extra epochs for -3), whose history or
+    scheduler disagree with its epoch, or whose model, optimizer or statistics tensors have
+    other shapes (or a negative std): a CheckpointError naming the entry and what was expected,
+    in one line, before any training (not a shape error in the middle of the run)."""
+    model, data, kw = _small_run(tmp_path)
+    path = kw["checkpoint"]
+    state = torch.load(path, weights_only=True)
+    weights = dict(state["model"], **{"features.0.weight": torch.zeros(5, 1, 3, 3)})
+    adam = state["optimizer"]
+    moments = {i: dict(v) for i, v in adam["state"].items()}
+    moments[0]["exp_avg"] = torch.zeros(3)
+    cases = [
+        (dict(epoch=-3), "'epoch' is -3, expected 1 to 2 (epochs completed)"),
+        (dict(epoch=0), "'epoch' is 0, expected 1 to 2"),
+        (dict(epoch=7), "'epoch' is 7, expected 1 to 2"),
+        (dict(history=state["history"][:1]), "'history' is not the 2 rows of epochs 1 to 2"),
+        (dict(scheduler=dict(state["scheduler"], last_epoch=3)),
+         "'scheduler' is at step 3, expected 4 (2 epochs of 2 steps)"),
+        (dict(model=weights), "'model' does not fit the model (shape of features.0.weight: "
+                              "[5, 1, 3, 3] in the file, [4, 1, 3, 3] in the model)"),
+        (dict(optimizer=dict(adam, state=moments)),
+         "'optimizer' exp_avg of features.0.weight is [3], expected [4, 1, 3, 3]"),
+        (dict(optimizer=dict(adam, param_groups=[])),
+         "'optimizer' does not hold 11 parameters in 1 group(s)"),
+        (dict(stats_mean=[m[:2] for m in state["stats_mean"]]),
+         "'stats_mean' of layer 'features.0' is [2], expected [4]"),
+        (dict(stats_std=state["stats_std"][:2]),
+         "'stats_std' is not a list of 6 tensors, one per layer cloned"),
+        (dict(stats_std=[-s for s in state["stats_std"]]),
+         "std of layer 'features.0' must be >= 0"),
+    ]
+    for change, message in cases:
+        torch.save({**state, **change}, path)
+        with pytest.raises(ValueError) as e:
+            mf.sanitize(model, data, resume=True, **kw)
+        msg = str(e.value)
+        assert message in msg and "\n" not in msg, (message, msg)
+        assert msg.startswith(f"checkpoint {str(path)!r} does not fit this run: "), msg
+    torch.save(state, path)
+    assert len(mf.sanitize(model, data, resume=True, **kw).history) == 2
+
+
+def test_sanitize_and_the_baselines_leave_the_global_generator_as_it_was(tmp_path):
+    """Training code that calls them gets the random numbers it would have got without the
+    call: ``torch.rand`` after the call equals ``torch.rand`` without it."""
+    model = models.DigitsCNN((4, 6, 8))
+    X, y = torch.rand(40, 1, 8, 8), torch.randint(10, (40,))
+    runs = {"sanitize": lambda: mf.sanitize(model, (X, y), epochs=2, batch_size=16,
+                                            progress=False, eval_data=(X, y)),
+            "sanitize, DataLoader": lambda: mf.sanitize(
+                model, DataLoader(TensorDataset(X, y), batch_size=16, shuffle=True), epochs=1,
+                progress=False, checkpoint=tmp_path / "s.pt"),
+            "finetune": lambda: mf.finetune(model, (X, y), epochs=1, progress=False),
+            "train_from_scratch": lambda: mf.train_from_scratch(model, (X, y), epochs=1,
+                                                                progress=False)}
+    for name, run in runs.items():
+        seed = int(torch.randint(2 ** 31, ()))
+        torch.manual_seed(seed)
+        expected = torch.rand(5)
+        torch.manual_seed(seed)
+        run()
+        assert torch.equal(torch.rand(5), expected), name
+
+
+class _WithAux(nn.Module):
+    """A DigitsCNN returning ``(logits, aux)``, as models with auxiliary outputs do."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = models.DigitsCNN((4, 6, 8))
+
+    def forward(self, x):
+        logits = self.net(x)
+        return logits, logits.square().mean()
+
+
+def test_sanitize_takes_a_model_returning_logits_and_more():
+    """A model returning ``(logits, aux)`` is sanitized as the plain model is (its first tensor
+    is the logits, as the Cloner takes them), with evaluation; so are the baselines."""
+    wrapped = _WithAux()
+    plain = wrapped.net
+    X, y = torch.rand(64, 1, 8, 8), torch.randint(10, (64,))
+    kw = dict(epochs=2, batch_size=32, progress=False, eval_data=(X, y), seed=3)
+    a = mf.sanitize(wrapped, (X, y), factory=lambda: copy.deepcopy(wrapped), **kw)
+    b = mf.sanitize(plain, (X, y), factory=lambda: copy.deepcopy(plain), **kw)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert [h["acc"] for h in a.history] == [h["acc"] for h in b.history]
+    for run in (mf.finetune, mf.train_from_scratch):
+        assert len(run(wrapped, (X, y), epochs=1, progress=False, eval_data=(X, y)).history) == 1
+
+
+def test_sanitize_refuses_inputs_the_model_cannot_take_and_one_class():
+    """8-bit images, float32 inputs to a float64 model (float64 inputs work), eval_data of
+    another dtype, clean data of one class (tensors, or a Dataset, found in the first epoch) and
+    a CUDA device where there is none: one ValueError naming what was expected."""
+    model = models.DigitsCNN((4, 6, 8))
+    X, y = torch.rand(64, 1, 8, 8), torch.randint(10, (64,))
+    kw = dict(epochs=1, progress=False)
+    cases = [
+        (model, (torch.randint(256, X.shape, dtype=torch.uint8), y), {},
+         "^data: inputs are torch.uint8, but the model computes in torch.float32; give "
+         r"floating-point inputs \(X.to\(torch.float32\), divided by 255 for 8-bit images\)$"),
+        (copy.deepcopy(model).double(), (X, y), {},
+         r"^data: inputs are torch.float32, but the model computes in torch.float64; give inputs "
+         r"of the model's dtype \(X.to\(torch.float64\)\), or convert the model "
+         r"\(model.to\(torch.float32\)\)$"),
+        (model, (X, y), {"eval_data": (X.half(), y)},
+         "^eval_data: inputs are torch.float16, but the model computes in torch.float32"),
+        (model, (X, torch.full_like(y, 3)), {}, "^data: every label is 3; clean data must hold "
+         r"at least two classes \(a model trained on one learns to predict it alone\)"),
+        (model, Pairs(X, torch.full_like(y, 3)), {}, "^data: every label is 3"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((model, (X, y), {"device": "cuda"}, r"^device 'cuda': this PyTorch cannot "
+                      r"use CUDA \(a CPU-only build\); use 'cpu'$"))
+    for net, d, more, match in cases:
+        with pytest.raises(ValueError, match=match):
+            mf.sanitize(net, d, **kw, **more)
+    r = mf.sanitize(copy.deepcopy(model).double(), (X.double(), y), eval_data=(X.double(), y),
+                    **kw)
+    assert math.isfinite(r.history[0]["loss"]) and r.model.features[0].weight.dtype == \
+        torch.float64
+
+
 # --------------------------------------------------------------------------------------------
 # DistributedDataParallel, 2 CPU processes with gloo
 # --------------------------------------------------------------------------------------------
