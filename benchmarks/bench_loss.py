@@ -143,7 +143,7 @@ def format_row(r: dict) -> str:
             f"{'  MISMATCH' if r['mismatch'] else ''}")
 
 
-def host_rows(device, rounds, calls=200) -> list[dict]:
+def host_rows(device, rounds, calls) -> list[dict]:
     """The host-time table: per layer count, the op (and on CPU the Triton path's host code,
     its launches not executed) and the eager formula, in microseconds and as ratios to
     ``F.mse_loss``, all measured alternately in one run."""
@@ -182,7 +182,9 @@ def main(argv=None) -> int:
     p.add_argument("--host", action="store_true",
                    help="the host-time table (1 and 25 tiny layers against F.mse_loss)")
     p.add_argument("--rounds", type=int, default=15,
-                   help="with --host: alternating rounds of 200 calls (default: %(default)s)")
+                   help="with --host: alternating rounds (default: %(default)s)")
+    p.add_argument("--calls", type=int, default=200,
+                   help="with --host: calls per variant per round (default: %(default)s)")
     add_output_options(p)
     args = p.parse_args(argv)
     if args.threads:
@@ -190,9 +192,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.host:
         print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; host "
-              f"time per forward+backward, median over {args.rounds} alternating rounds of 200 "
-              "calls")
-        rows = host_rows(device, args.rounds)
+              f"time per forward+backward, median over {args.rounds} alternating rounds of "
+              f"{args.calls} calls")
+        rows = host_rows(device, args.rounds, args.calls)
         print_host(rows)
         write_rows(rows, "bench_loss_host", json_path=args.json, csv_path=args.csv)
         return 0

@@ -50,7 +50,7 @@ from pathlib import Path
 
 STAGES = ("env", "build", "loss", "host", "pocket", "steps", "tests", "sanitizer")
 # Seconds each stage may take before it is stopped (and counted as failed).
-LIMITS = {"env": 60, "build": 600, "loss": 420, "host": 120, "pocket": 240, "steps": 240,
+LIMITS = {"env": 60, "build": 600, "loss": 420, "host": 300, "pocket": 240, "steps": 240,
           "tests": 420, "sanitizer": 300}
 THIS = Path(__file__).resolve()
 
@@ -89,7 +89,8 @@ def _commands(stage: str, dry: bool, tmp: Path, tests: str = "tests") -> list[li
         return [[py, str(THIS), "--worker", "build", "--result", str(tmp / "build.json")]]
     if stage == "host":
         return [[py, f"{bench}/bench_loss.py", "--host", "--device", dev, "--rounds",
-                 "2" if dry else "15", "--json", str(tmp / "host.json")]]
+                 "1" if dry else "15", "--calls", "20" if dry else "200", "--json",
+                 str(tmp / "host.json")]]
     if stage == "loss":
         common = [py, f"{bench}/bench_loss.py", "--device", dev, "--passes", "fwd+bwd"]
         if dry:
