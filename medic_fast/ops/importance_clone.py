@@ -317,11 +317,13 @@ class _Loss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan, args, *cs):
+    def forward(ctx, plan, args, keep_inputs, *cs):
         ts, gs, ms, ss, tau, eps = args
         out = plan.run(ts, cs, gs, ms, ss, tau, eps, True, flat=True)
-        ctx.plan, ctx.args, ctx.dc = plan, args, out[1:]
-        ctx.save_for_backward(*cs)
+        ctx.plan, ctx.dc = plan, out[1:]
+        ctx.args = args if keep_inputs else None  # else freed with the caller's references
+        if keep_inputs:
+            ctx.save_for_backward(*cs)
         ctx.set_materialize_grads(False)
         return out[0]
 
@@ -329,11 +331,17 @@ class _Loss(torch.autograd.Function):
     def backward(ctx, grad):
         plan = ctx.plan
         if grad is None:
-            return (None, None) + (None,) * len(plan.start_dim)
-        ts, gs, ms, ss, tau, eps = ctx.args
-        cs = ctx.saved_tensors
+            return (None, None, None) + (None,) * len(plan.start_dim)
+        if ctx.args is None and (ctx.dc is None or torch.is_grad_enabled()):
+            raise RuntimeError("importance_clone_loss(..., keep_inputs=False) keeps only the "
+                               "gradient of its forward: a second backward through it, or "
+                               "create_graph=True, needs keep_inputs=True")
+        if ctx.args is not None:
+            ts, gs, ms, ss, tau, eps = ctx.args
+            cs = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return (None, None, *[_differentiable_grad(*layer, tau, eps, plan.criterion, rs, grad,
+            return (None, None, None,
+                    *[_differentiable_grad(*layer, tau, eps, plan.criterion, rs, grad,
                                                        plan.reduce_rows)
                                   for *layer, rs in zip(ts, cs, gs, ms, ss, plan.start_dim,
                                                         plan.mean_inner, plan.std_inner,
@@ -351,7 +359,7 @@ class _Loss(torch.autograd.Function):
         elif (g := grad.item()) != 1:
             for d in dcs:
                 d.mul_(g)
-        return (None, None, *dcs)
+        return (None, None, None, *dcs)
 
 
 def _scale_rows_(d: Tensor, grad: Tensor) -> None:
@@ -370,7 +378,7 @@ def _scale_rows_(d: Tensor, grad: Tensor) -> None:
 
 def importance_clone_loss(acts_t, acts_c, grads, mean=None, std=None, *, tau: float = 1.0,
                           criterion: str = "abs", eps: float = 1e-5, reduction: str = "mean",
-                          start_dim: int = 1, weight: float = 1.0,
+                          start_dim: int = 1, weight: float = 1.0, keep_inputs: bool = True,
                           backend: str = "auto") -> Tensor:
     """MEDIC's importance-weighted cloning loss (DESIGN.md §1, paper eq. 1–4).
 
@@ -391,6 +399,12 @@ def importance_clone_loss(acts_t, acts_c, grads, mean=None, std=None, *, tau: fl
         start_dim: dims before it are rows (1: a row per sample; 2 on ``[B, T, H]``: per token).
         weight: a factor on the loss, folded into the kernels (``ce + weight * loss`` then
             reaches the backward with gradient 1, which costs no scaling pass).
+        keep_inputs: the backward holds ``acts_t``, ``grads`` and the statistics, to recompute
+            the gradient for a second backward through the graph or ``create_graph=True``.
+            ``False`` keeps only the gradient the forward computed (the fused backends), so
+            those inputs are freed as soon as the caller drops them (the
+            :class:`~medic_fast.Cloner` does, between its forward and the backward); a second
+            backward or ``create_graph=True`` then raises.
         backend: ``"auto"`` (the fused kernel for the device, else the reference), ``"cpp"``
             (CPU tensors), ``"triton"`` (CUDA tensors) or ``"reference"``.
 
@@ -426,7 +440,7 @@ def importance_clone_loss(acts_t, acts_c, grads, mean=None, std=None, *, tau: fl
         ts, cs, gs, ms, ss = _fix(plan, ts, cs, gs, ms, ss)
     if not plan.need_grad:
         return plan.run(ts, cs, gs, ms, ss, float(tau), float(eps), False)[0]
-    return _Loss.apply(plan, (ts, gs, ms, ss, float(tau), float(eps)), *cs)
+    return _Loss.apply(plan, (ts, gs, ms, ss, float(tau), float(eps)), keep_inputs, *cs)
 
 
 def _lists(acts_t, acts_c, grads, mean, std):

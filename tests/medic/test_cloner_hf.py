@@ -59,6 +59,9 @@ def test_plain_loop_with_dict_batches(kind):
         assert all(p.grad is None for p in teacher.parameters())
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
         opt.step()
+    assert cloner.last.student_output is None  # not kept by default: its logits would live on
+    cloner.keep_output = True
+    cloner(_batch())
     out = cloner.last.student_output
     assert isinstance(out, transformers.utils.ModelOutput) and out.logits.shape == (B, T, V)
     assert torch.isfinite(cloner.last.clone) and cloner.last.clone > 0
@@ -78,7 +81,7 @@ def test_ce_is_the_models_own_loss(kind):
     # without .loss (no labels to the model): CE on the logits against the labels, unshifted,
     # through forward= and the default loss; a loss_fn hook replaces it
     labels = batch["labels"]
-    fwd = Cloner(teacher, student, layers, cloner.stats,
+    fwd = Cloner(teacher, student, layers, cloner.stats, keep_output=True,
                  forward=lambda m, b: m(input_ids=b["input_ids"],
                                         attention_mask=b["attention_mask"]))
     fwd(batch)
@@ -211,3 +214,104 @@ def test_cloner_equals_float64_reference():
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-6)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r.float(), rtol=1e-3, atol=1e-5)
+
+
+# --- memory: allocated bytes per phase (the profiler's allocation events), not time ------------
+
+def _gpt2(seed, vocab, layers, width, seq):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=width,
+                                  n_layer=layers, n_head=2, attn_pdrop=0.0, embd_pdrop=0.0,
+                                  resid_pdrop=0.0, use_cache=False)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _lm_batch(vocab, batch, seq, seed=0):
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _phases(cloner, student, batch, step=None):
+    """Bytes allocated per phase of one step (after a warm-up step), above its start."""
+    from torch.profiler import record_function
+
+    from medic_fast._memory import PHASES, allocated_by_phase
+
+    def run():
+        student.zero_grad(set_to_none=True)
+        loss = step() if step else cloner(batch)
+        with record_function("backward"):
+            loss.backward()
+
+    run()
+    return allocated_by_phase(run, PHASES + ("backward",))
+
+
+def test_the_teachers_pass_is_freed_before_the_students_forward():
+    """With a vocabulary that makes the teacher's logits 64x its hooked activations: when the
+    student's forward starts, only the teacher's activations and gradients at the hooked blocks
+    are alive (2x the hooked activations), and the step's peak is at most 2.25x the hooked
+    activations above a plain step's (it was 2x the teacher's logits above)."""
+    vocab, batch_size, seq, width = 4096, 4, 32, 32
+    teacher = _gpt2(0, vocab, 2, width, seq).eval().requires_grad_(False)
+    student = _gpt2(1, vocab, 2, width, seq)
+    batch = _lm_batch(vocab, batch_size, seq)
+    layers = ["transformer.h.0", "transformer.h.1"]
+    cloner = Cloner(teacher, student, layers, collect_stats(teacher, [batch], layers))
+    hooked = 2 * batch_size * seq * width * 4
+    assert batch_size * seq * vocab * 4 >= 64 * hooked
+    ours = _phases(cloner, student, batch)
+    plain = _phases(None, student, batch, step=lambda: student(**batch).loss)
+    assert ours["medic_fast.student"]["start"] <= 2 * hooked, ours
+    assert ours["step"]["peak"] - plain["step"]["peak"] <= 2.25 * hooked, (ours, plain)
+
+
+def test_a_checkpointing_student_gets_a_checkpointed_teacher():
+    """A student with gradient checkpointing on: the teacher's pass keeps one block's
+    activations at a time (its peak under half the un-checkpointed pass's, on 6 blocks), and
+    the step is the same: the same losses and student gradients."""
+    vocab, batch_size, seq, width = 64, 4, 32, 32
+    teacher = _gpt2(0, vocab, 6, width, seq).eval().requires_grad_(False)
+    batch = _lm_batch(vocab, batch_size, seq)
+    stats = collect_stats(teacher, [batch], "blocks")
+    results = {}
+    for ckpt in (False, True):
+        student = _gpt2(1, vocab, 6, width, seq)
+        if ckpt:
+            student.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        cloner = Cloner(teacher, student, "blocks", stats)
+        phases = _phases(cloner, student, batch)
+        student.zero_grad()
+        loss = cloner(batch)
+        loss.backward()
+        results[ckpt] = (phases["medic_fast.teacher"]["peak"], loss.detach(),
+                         [p.grad.clone() for p in student.parameters()])
+    (peak_off, loss_off, grads_off), (peak_on, loss_on, grads_on) = results[False], results[True]
+    assert peak_on < 0.5 * peak_off, (peak_on, peak_off)
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-6, atol=0)
+    for a, b in zip(grads_on, grads_off):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_loss_frees_its_inputs_and_refuses_a_second_backward():
+    """``keep_inputs=False`` (the Cloner's): the gradient as with ``keep_inputs=True``; a second
+    backward through the graph, or ``create_graph=True``, raises in one line."""
+    import medic_fast
+
+    torch.manual_seed(0)
+    t, g = torch.randn(3, 4, 5), 1e-2 * torch.randn(3, 4, 5)
+    c0 = t + torch.randn(3, 4, 5)
+    grads = []
+    for keep in (True, False):
+        c = c0.clone().requires_grad_()
+        loss = medic_fast.importance_clone_loss(t, c, g, tau=5.0, keep_inputs=keep)
+        loss.backward(retain_graph=True)
+        grads.append(c.grad.clone())
+        if not keep:
+            with pytest.raises(RuntimeError, match=r"keep_inputs=False\) keeps only the gradient"):
+                loss.backward()
+            loss = medic_fast.importance_clone_loss(t, c, g, tau=5.0, keep_inputs=False)
+            with pytest.raises(RuntimeError, match="needs keep_inputs=True"):
+                torch.autograd.grad(loss, c, create_graph=True)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
