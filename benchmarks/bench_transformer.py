@@ -351,8 +351,12 @@ def hf(args):
 
         plain = run(lambda b: student(**b).loss)
         ours = run(cloner)
-        t_plain, t_ours, ratios = _interleaved(plain, ours, args.rounds, args.repeats)
-        mem_plain, mem_ours = peak_extra_bytes(plain, reset), peak_extra_bytes(ours, reset)
+        if args.hf_memory_only:  # the allocated bytes per phase alone
+            t_plain = t_ours = ratios = [float("nan")]
+            mem_plain = mem_ours = float("nan")
+        else:
+            t_plain, t_ours, ratios = _interleaved(plain, ours, args.rounds, args.repeats)
+            mem_plain, mem_ours = peak_extra_bytes(plain, reset), peak_extra_bytes(ours, reset)
         acts = _output_bytes(teacher, cloner.layers, pool[0], ctx)
         hooked = sum(acts)
         over = mem_ours - mem_plain
@@ -423,6 +427,8 @@ def main():
     g.add_argument("--hf-seq", type=int, default=256)
     g.add_argument("--hf-settings", default=",".join(HF_SETTINGS),
                    help=f"comma-separated, of {', '.join(HF_SETTINGS)}")
+    g.add_argument("--hf-memory-only", action="store_true",
+                   help="only the bytes allocated per phase (no timing, no resident-set peaks)")
     add_output_options(p)
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
