@@ -50,7 +50,10 @@ import triton.language as tl
 # (8192 fits sm_80 but spills 184-256 bytes on sm_90; fp64 spills from 4096).
 ROW_MAX = {torch.float32: 4096, torch.bfloat16: 4096, torch.float16: 4096, torch.float64: 2048}
 ROW_WARPS = 16
-# Short rows share a program: about ROW_TILE elements per iteration of the row loop.
+# Short rows share a program: about ROW_TILE elements per iteration of the row loop. Elements
+# per thread: 8, but 4 for row blocks below 64 and for float64, where Triton 3.6's ptxas spills
+# 8 bytes at 8 (the grad variant for sm_80; float64 blocks of 512 for sm_90), and where 4 for
+# every block spills the 128-blocks' (RESULTS.md §11).
 ROW_TILE = 2048
 # (BLOCK, num_warps) of the split kernels per dtype: 8 elements per thread, 16-byte accesses.
 SPLIT = {torch.float32: (2048, 8), torch.bfloat16: (2048, 8), torch.float16: (2048, 8),
@@ -355,6 +358,14 @@ class LayerPlan(NamedTuple):
     n_tiles: int  # tile records (3 per tile)
 
 
+def row_shape(m: int, rows: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(BLOCK, ROWS, num_warps)`` of the row kernel for ``rows`` rows of ``m`` neurons."""
+    block = max(16, triton.next_power_of_2(m))
+    rows_per = min(max(1, ROW_TILE // block), triton.next_power_of_2(rows))
+    per_thread = 4 if block < 64 or dtype == torch.float64 else 8
+    return block, rows_per, min(ROW_WARPS, max(1, block * rows_per // (32 * per_thread)))
+
+
 def plan_layer(rows: int, m: int, strides: tuple[int, int, int], mu_layout: tuple[int, int],
                sd_layout: tuple[int, int], dtype: torch.dtype, device: torch.device, *,
                signed: bool, need_grad: bool, per_row: bool) -> LayerPlan:
@@ -367,9 +378,7 @@ def plan_layer(rows: int, m: int, strides: tuple[int, int, int], mu_layout: tupl
     acc = _TL[_acc(dtype)]
     target = target_programs(device)
     if m <= ROW_MAX[dtype]:
-        block = max(16, triton.next_power_of_2(m))
-        rows_per = min(max(1, ROW_TILE // block), triton.next_power_of_2(rows))
-        warps = min(ROW_WARPS, max(1, block * rows_per // 256))
+        block, rows_per, warps = row_shape(m, rows, dtype)
         programs = min(triton.cdiv(rows, rows_per), target)
         first = Launch(_row_kernel, (programs,),
                        dict(SIGNED=signed, NEED_GRAD=need_grad, PER_ROW=per_row, ACC=acc,
@@ -432,8 +441,9 @@ def scale_(x: torch.Tensor, grad: torch.Tensor) -> None:
 
 
 def aot_variants():
-    """Every kernel specialisation the plans launch, at the sizes that bound their registers
-    (the largest row block per dtype), for ``python tools/gpu_compile.py``.
+    """Every kernel specialisation the plans launch, for ``python tools/gpu_compile.py``: the
+    row kernel at each row block with as many rows as share a program (fewer rows, as for a
+    small batch, hold fewer registers), the split kernels at their block.
 
     Yields ``(kernel, signature, constexprs, num_warps, name)``.
     """
@@ -444,9 +454,8 @@ def aot_variants():
         acc = _TL[_acc(dtype)]
         ptr, buf = f"*{dt.name}", f"*{acc.name}"
         io = dict(t=ptr, c=ptr, g=ptr, dc=ptr, mean="*fp32", std="*fp32")
-        for block in sorted({16, 1024, ROW_MAX[dtype]}):
-            rows = max(1, ROW_TILE // block)
-            warps = min(ROW_WARPS, max(1, block * rows // 256))
+        for block in (2**k for k in range(4, ROW_MAX[dtype].bit_length())):
+            block, rows, warps = row_shape(block, ROW_TILE, dtype)
             for signed in (False, True):
                 for need_grad in (False, True):
                     yield (_row_kernel,
