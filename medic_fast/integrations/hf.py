@@ -11,8 +11,10 @@ Needs ``transformers`` (``pip install medic-fast[hf]``); ``import medic_fast`` d
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, Optional
 
+import torch
 import transformers
 from torch import nn
 
@@ -38,12 +40,16 @@ class CloneTrainer(transformers.Trainer):
         everything else: ``transformers.Trainer``'s (``model`` is the student).
 
     Batches are the dicts of the data collator, ``labels`` included: the CE is the model's own
-    ``.loss`` (a per-batch mean). Under gradient accumulation over ``k`` micro-batches the loss
-    is divided by ``k`` (Trainer does it: ``model_accepts_loss_kwargs`` is set False, so
-    ``num_items_in_batch`` is never passed to the model), and the teacher's loss, whose gradients
-    give the importance weights, is divided by ``k`` too, so its gradients are those of the
-    accumulated batch's mean loss: ``k`` micro-batches with equally many labelled tokens give the
-    parameter update of one batch. ``self.cloner.last`` holds the last step's CE and clone loss.
+    ``.loss``. Micro-batches of gradient accumulation give the update of the whole batch, also
+    when they hold unequal numbers of tokens, as Trainer's own loss does: where both models take
+    loss keyword arguments (every Hugging Face model) and ``forward``/``loss_fn`` are the
+    defaults, ``num_items_in_batch`` (the labelled tokens of all micro-batches) goes to both
+    models' forward, so each micro-batch's CE is its share of the batch's token mean (the
+    teacher's too: its gradients, which weight the neurons, are the whole batch's), and the
+    clone loss, a mean over the micro-batch's rows (the tokens its ``attention_mask`` keeps), is
+    weighted by its share of the batch's rows. Otherwise each micro-batch's loss is its mean,
+    divided by the number of micro-batches (exact for micro-batches of equal size), the
+    teacher's loss too. ``self.cloner.last`` holds the last step's CE and clone loss.
     """
 
     def __init__(self, *args, teacher: nn.Module, stats: LayerStats, layers,
@@ -57,19 +63,25 @@ class CloneTrainer(transformers.Trainer):
         self.cloner_kwargs = dict(cloner_kwargs or {})
         self._user_forward = self.cloner_kwargs.pop("forward", None) or default_forward
         self._user_loss = self.cloner_kwargs.pop("loss_fn", None) or default_loss
-        # The Cloner's loss is a per-batch mean: let Trainer divide it by the accumulation steps
-        # (with loss kwargs on, Trainer passes num_items_in_batch and would not divide).
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
+        # Trainer counts num_items_in_batch and leaves the loss undivided by the accumulation
+        # steps only where both models get it; otherwise it divides the per-batch means.
+        self.model_accepts_loss_kwargs = (
+            self.model_accepts_loss_kwargs and _accepts_loss_kwargs(self.teacher)
+            and self._user_forward is default_forward and self._user_loss is default_loss)
+        self.loss_is_scaled_for_ga = None
         self.cloner: Optional[Cloner] = None
         self._teacher_out = None
         self._teacher_scale = 1.0
+        self._shares: list = []
+        self._num_items = None
         # Fail early on wrong layers or stats, on the model as given.
         self._cloner_for(self.model)
 
     # -- the Cloner, on the model Trainer passes ------------------------------------------------
 
     def _forward(self, model, batch):
+        if self._num_items is not None:
+            batch = {**batch, "num_items_in_batch": self._num_items}
         out = self._user_forward(model, batch)
         if model is self.cloner.teacher:
             self._teacher_out = out
@@ -94,17 +106,63 @@ class CloneTrainer(transformers.Trainer):
                                  lam=self.lam, forward=self._forward, loss_fn=self._loss, **kw)
         return self.cloner
 
+    # -- the accumulated batch ------------------------------------------------------------------
+
+    def _rows(self, batch) -> Optional[torch.Tensor]:
+        """The rows the clone loss averages over in ``batch``: the tokens its mask keeps, or
+        every token of its labels."""
+        mask = batch.get(self.cloner.mask_key) if self.cloner.mask_key else None
+        if mask is not None:
+            return mask.ne(0).sum()
+        labels = batch.get("labels")
+        return None if labels is None else torch.tensor(labels.numel())
+
+    def get_batch_samples(self, *args, **kwargs):
+        """Trainer's micro-batches of one update and ``num_items_in_batch``; also each
+        micro-batch's share of the rows of all of them (summed over processes where Trainer
+        sums the tokens), which weights its clone loss. One host read per update."""
+        samples, num_items = super().get_batch_samples(*args, **kwargs)
+        self._shares = []
+        rows = [self._rows(b) for b in samples] if num_items is not None else []
+        if rows and all(r is not None for r in rows):
+            rows = torch.stack([r.to(self.args.device) for r in rows])
+            total = rows.sum()
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                total = self.accelerator.gather(total).sum()
+            self._shares = (rows / total.clamp_min(1)).tolist()
+        return samples, num_items
+
     def compute_loss(self, model, inputs, return_outputs: bool = False,
                      num_items_in_batch=None):
         """``CE + lam * clone loss`` of the batch on ``model``, and with ``return_outputs`` the
-        student's own output object. A per-batch mean: Trainer divides it by the number of
-        accumulated micro-batches (``num_items_in_batch`` is not used)."""
+        student's own output object: with ``num_items_in_batch``, this micro-batch's share of
+        the accumulated batch's loss (the class docstring says how); without, its mean."""
         cloner = self._cloner_for(model)
+        tokens = num_items_in_batch if self.model_accepts_loss_kwargs else None
         steps = getattr(self, "current_gradient_accumulation_steps", None) or 1
-        self._teacher_scale = 1.0 / steps if model.training else 1.0
+        self._teacher_scale = 1.0 / steps if model.training and tokens is None else 1.0
+        share = self._shares.pop(0) if tokens is not None and model.training and self._shares \
+            else 1.0
         cloner.keep_output = return_outputs
+        self._num_items = tokens
+        lam = cloner.lam
+        cloner.lam = lam * share
         try:
             loss = cloner(inputs)
         finally:
-            self._teacher_out = None
+            self._teacher_out = self._num_items = None
+            cloner.lam = lam
+        if (tokens is not None and self.args.average_tokens_across_devices
+                and self.args.n_gpu <= 1):  # DDP averages what each process's tokens summed
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return (loss, cloner.last.student_output) if return_outputs else loss
+
+
+def _accepts_loss_kwargs(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``num_items_in_batch``, as Trainer decides it."""
+    model = getattr(model, "module", model)
+    accepts = getattr(model, "accepts_loss_kwargs", None)
+    if accepts is not None:
+        return bool(accepts)
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD
+               for p in inspect.signature(model.forward).parameters.values())

@@ -38,6 +38,20 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+class PaddedRows(Rows):
+    """Rows right-padded to unequal lengths (labels -100 and mask 0 on the padding): the two
+    halves of 4 rows hold 2 + 7 and 8 + 8 real tokens."""
+
+    LENGTHS = (2, 7, 8, 8)
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        pad = torch.arange(T) >= self.LENGTHS[i % len(self.LENGTHS)]
+        item["attention_mask"][pad] = 0
+        item["labels"][pad] = -100
+        return item
+
+
 def _stats(teacher, layers=LAYERS):
     data = Rows(8, seed=1)
     batches = [{k: torch.stack([data[i][k] for i in range(j, j + 4)]) for k in data[0]}
@@ -93,15 +107,18 @@ def test_trains_and_leaves_the_teacher_untouched(tmp_path, arch):
     assert all(p.grad is None for p in teacher.parameters())
 
 
+@pytest.mark.parametrize("data", [Rows, PaddedRows], ids=["equal", "unequal"])
 @pytest.mark.parametrize("arch", list(MODELS))
-def test_gradient_accumulation_matches_one_full_batch(tmp_path, arch):
+def test_gradient_accumulation_matches_one_full_batch(tmp_path, arch, data):
+    """Two micro-batches give the full batch's update, also with unequal numbers of tokens
+    (num_items_in_batch for the CE, the rows' shares for the clone loss)."""
     params = {}
     for accum in (1, 2):
         trainer = _trainer(tmp_path / str(accum), arch=arch,
                            per_device_train_batch_size=4 // accum,
                            gradient_accumulation_steps=accum, max_steps=1, learning_rate=1e-2,
                            optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
-                           train_dataset=Rows(4))
+                           train_dataset=data(4))
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(
             trainer.train_dataset)
         start = [p.detach().clone() for p in trainer.model.parameters()]
