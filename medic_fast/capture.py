@@ -1,8 +1,10 @@
 """Activation capture with forward hooks on named modules, and the teacher's importance signals.
 
-* :func:`find_layers` / :func:`resolve_layers`: which modules to hook (default: every conv and
-  BatchNorm layer, the "conv+bn" plane of the released MEDIC recipe; names, module objects,
-  glob patterns, ``"blocks"``), through DDP / compile / FSDP1 / checkpoint wrappers.
+* :func:`find_layers` / :func:`resolve_layers`: which modules to hook (default
+  :func:`default_plane`: every conv and BatchNorm layer, the "conv+bn" plane of the released
+  MEDIC recipe, or for a model without any, its repeated blocks or its hidden Linear layers;
+  names, module objects, glob patterns, ``"blocks"``), through DDP / compile / FSDP1 /
+  checkpoint wrappers.
 * :class:`ActivationCapture`: records the output (or the input) of each named module on every
   forward of the model it is attached to; teacher and clone each get one, so both are captured in
   the same step. It picks one tensor out of tuple / dict outputs (``select``) and copies outputs
@@ -25,17 +27,13 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from medic_fast._utils import eval_mode
 
-__all__ = ["HOOKABLE", "default_layers", "find_layers", "resolve_layers", "repeated_blocks",
+__all__ = ["HOOKABLE", "PLANES", "default_plane", "default_layers", "find_layers",
+           "resolve_layers", "repeated_blocks",
            "call_model", "rows_start_dim", "check_mask",
            "mask_applies", "ActivationCapture", "inplace_modified", "teacher_signals"]
 
-# Module types whose outputs form the default hooked plane.
+# Module types whose outputs form the "conv+bn" plane, the default of a model with any.
 HOOKABLE = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
-
-
-def default_layers(model: nn.Module) -> List[str]:
-    """Names of every conv and BatchNorm module of ``model``, in registration order."""
-    return [name for name, m in model.named_modules() if name and isinstance(m, HOOKABLE)]
 
 
 # Attribute names under which wrappers hold the model they wrap: torch.compile, FSDP1 and the
@@ -94,27 +92,91 @@ def _glob_match(pattern: str, name: str) -> bool:
     return len(p) == len(n) and all(fnmatchcase(a, b) for b, a in zip(p, n))
 
 
-def repeated_blocks(model: nn.Module) -> List[str]:
-    """Qualified names of the repeated blocks of ``model`` (a Hugging Face ``...h`` /
-    ``...layers``): the children of its largest ``nn.ModuleList`` whose children are all of one
-    class (the first such list on a tie)."""
-    best, best_name = None, None
+def _block_list(model: nn.Module) -> Tuple[str, Optional[nn.ModuleList]]:
+    """``(name, list)`` of the largest ``nn.ModuleList`` of ``model`` whose children are all of
+    one class (the first such list on a tie), or ``("", None)``."""
+    best, best_name = None, ""
     for name, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and len(m) > 0 \
                 and len({type(c) for c in m}) == 1 and (best is None or len(m) > len(best)):
             best, best_name = m, name
-    if best is None:
+    return best_name, best
+
+
+def repeated_blocks(model: nn.Module) -> List[str]:
+    """Qualified names of the repeated blocks of ``model`` (a Hugging Face ``...h`` /
+    ``...layers``): the children of its largest ``nn.ModuleList`` whose children are all of one
+    class (the first such list on a tie)."""
+    name, blocks = _block_list(model)
+    if blocks is None:
         raise ValueError(f'layers="blocks": {type(model).__name__} has no nn.ModuleList of '
                          "blocks of one class; pass layers=[...] with names from "
                          "model.named_modules()")
-    return [f"{best_name}.{k}" if best_name else k for k in best._modules]
+    return [f"{name}.{k}" if name else k for k in blocks._modules]
+
+
+# The default planes, in the order they are tried (see :func:`default_plane`).
+PLANES = {
+    "conv+bn": "every conv and BatchNorm output",
+    "blocks": "the repeated blocks' outputs (the model has no conv or BatchNorm layer)",
+    "hidden linear": "the hidden Linear layers' outputs, all but the last Linear (the model has "
+                     "no conv or BatchNorm layer and no repeated blocks)",
+}
+
+
+def _default(model: nn.Module, table: Dict[str, Tuple[str, nn.Module]]) -> Tuple[str, List[str]]:
+    """:func:`default_plane` on ``model``'s :func:`_layer_table`."""
+    def named(kind) -> List[str]:
+        return [k for k, (_, m) in table.items() if k and isinstance(m, kind)]
+
+    names = named(HOOKABLE)
+    if names:
+        return "conv+bn", names
+    parents = dict(model.named_modules())
+    _, blocks = _block_list(model)
+    if blocks is not None and all(any(True for _ in b.children()) for b in blocks):
+        return "blocks", [_canonical(n, parents) for n in repeated_blocks(model)]
+    # nn.MultiheadAttention computes with out_proj's weights without calling it: never hooked.
+    inside_mha = {id(m) for a in model.modules() if isinstance(a, nn.MultiheadAttention)
+                  for m in a.modules()}
+    linear = [k for k in named(nn.Linear) if id(table[k][1]) not in inside_mha]
+    if len(linear) > 1:
+        return "hidden linear", linear[:-1]
+    raise ValueError(f"{type(model).__name__} has no conv or BatchNorm layer, no nn.ModuleList "
+                     "of repeated blocks and no hidden Linear layer to hook by default; pass "
+                     "layers=[...] with names from model.named_modules()")
+
+
+def default_plane(model: nn.Module) -> Tuple[str, List[str]]:
+    """``(kind, names)``: the layers hooked when none are named, and which rule chose them (a
+    key of :data:`PLANES`), the first that finds any:
+
+    * ``"conv+bn"``: every conv and BatchNorm layer (the released MEDIC recipe's plane);
+    * ``"blocks"``: else the repeated blocks (:func:`repeated_blocks`, when each block holds
+      modules: transformer and ViT-style models);
+    * ``"hidden linear"``: else every Linear layer but the last registered one (the output
+      head) of an MLP. Their outputs, before the nonlinearity, are the analogue of the
+      conv+bn plane (pre-activation outputs); a ReLU's gradient already gives inactive units
+      no importance, and activation modules are often shared or functional, which a hook
+      cannot tell apart.
+
+    Names are canonical (see :func:`find_layers`), in registration order.
+    """
+    return _default(model, _layer_table(model)[0])
+
+
+def default_layers(model: nn.Module) -> List[str]:
+    """Names of every conv and BatchNorm module of ``model``, in registration order: the
+    "conv+bn" plane, empty for a model without any (whose default is another plane: see
+    :func:`default_plane`)."""
+    return [name for name, m in model.named_modules() if name and isinstance(m, HOOKABLE)]
 
 
 def find_layers(model: nn.Module, layers, *, also: Optional[nn.Module] = None
                 ) -> Tuple[List[str], List[nn.Module]]:
     """The ONE resolution of a ``layers`` argument: ``(names, modules)`` of ``model``.
 
-    ``layers`` is ``None`` (every conv and BatchNorm layer), ``"blocks"`` (see
+    ``layers`` is ``None`` (:func:`default_plane`), ``"blocks"`` (see
     :func:`repeated_blocks`), a glob pattern (``"transformer.h.*"``; ``*`` within one name
     segment), or a sequence of module names, glob patterns and module objects (of ``model``, or
     of ``also``, a model of the same structure such as the student).
@@ -147,11 +209,7 @@ def find_layers(model: nn.Module, layers, *, also: Optional[nn.Module] = None
                          f"(names look like: {hint()}, ...)")
 
     if layers is None:
-        names = [k for k, (_, m) in table.items() if k and isinstance(m, HOOKABLE)]
-        if not names:
-            raise ValueError(f"{type(model).__name__} has no conv or BatchNorm layer to hook by "
-                             "default; pass layers=[...] with names from model.named_modules()")
-        names = list(dict.fromkeys(names))
+        names = _default(model, table)[1]
         return names, [table[n][1] for n in names]
     if isinstance(layers, str):
         if layers != "blocks" and not (_GLOB & set(layers)):
@@ -162,7 +220,7 @@ def find_layers(model: nn.Module, layers, *, also: Optional[nn.Module] = None
         raise TypeError(f"layers must be a sequence of module names, got {type(layers).__name__}")
     if not list(layers):
         raise ValueError("layers is empty; pass at least one module name (or None for the "
-                         "default conv+bn plane)")
+                         "default plane)")
     other = None if also is None else _layer_table(also)[1]
     names: List[str] = []
     for item in layers:

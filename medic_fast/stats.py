@@ -155,7 +155,8 @@ def collect_stats(model: nn.Module, data, layers: Optional[Sequence[str]] = None
             the model as keyword arguments (``model(**batch)``, a Hugging Face model's
             ``input_ids``, ``attention_mask``, ...).
         layers: module names, module objects, glob patterns or ``"blocks"`` (see
-            :func:`~medic_fast.capture.find_layers`); default every conv and BatchNorm layer.
+            :func:`~medic_fast.capture.find_layers`); default
+            :func:`~medic_fast.capture.default_plane`.
         start_dim: per layer by default (:func:`~medic_fast.capture.rows_start_dim`: a row per
             token for 3-D outputs of modules other than conv/BatchNorm, else a row per sample).
         mask_fn: ``inputs -> [B, T]`` bool, True at real tokens: rows that are padding are left

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from medic_fast.capture import (ActivationCapture, default_layers, inplace_modified,
-                                resolve_layers, teacher_signals)
+from medic_fast.capture import (ActivationCapture, default_layers, default_plane,
+                                inplace_modified, resolve_layers, teacher_signals)
 from medic_fast.zoo import models
+from medic_fast.zoo.transformer import TinyTransformer
 from shared import DEVICES, double_backward_grads, frozen
 
 torch.set_num_threads(1)
@@ -90,8 +91,10 @@ def test_capture_errors():
         resolve_layers(model, "features.0")
     with pytest.raises(ValueError, match="more than once"):
         resolve_layers(model, ["features.0", "features.0"])
-    with pytest.raises(ValueError, match="no conv or BatchNorm"):
-        resolve_layers(models.MLP(), None)
+    with pytest.raises(ValueError, match="^Linear has no conv or BatchNorm layer, no "
+                       "nn.ModuleList of repeated blocks and no hidden Linear layer to hook by "
+                       r"default; pass layers=\[...\] with names"):
+        resolve_layers(nn.Linear(4, 3), None)
     shared = nn.Linear(3, 3)
     twice = nn.Sequential(shared, shared)
     with ActivationCapture(twice, ["0"]) as cap, pytest.raises(RuntimeError, match="ran twice"):
@@ -117,3 +120,63 @@ def test_capture_of_inputs():
         torch.testing.assert_close(last, model.layers[:4](x))
     with pytest.raises(ValueError, match="outputs only"):
         ActivationCapture(model, ["layers.2"], inputs=True, differentiable=True)
+
+
+class _Wrap(nn.Module):
+    """A pass-through wrapper (as DDP): only ``.module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+class _ListMLP(nn.Module):
+    """An MLP whose Linear layers, the output one too, sit in one nn.ModuleList."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.ModuleList([nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)])
+
+    def forward(self, x):
+        for fc in self.fc[:-1]:
+            x = torch.relu(fc(x))
+        return self.fc[-1](x)
+
+
+class _Attention(nn.Module):
+    """Attention without a block list: nn.MultiheadAttention's out_proj is never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mlp = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.attn(x, x, x, need_weights=False)[0]
+        return self.head(torch.relu(self.mlp(h)).mean(1))
+
+
+@pytest.mark.parametrize("make,x,kind,names", [
+    (lambda: models.DigitsCNN((4, 4, 4)), torch.rand(2, 1, 8, 8), "conv+bn",
+     ["features.0", "features.1", "features.3", "features.4", "features.7", "features.8"]),
+    (lambda: models.MLP(3, 4, (8, 7, 6)), torch.rand(2, 3), "hidden linear",
+     ["layers.0", "layers.2", "layers.4"]),
+    (lambda: _Wrap(TinyTransformer(d_model=8, depth=2, heads=2, max_len=8)),
+     torch.randint(1, 32, (2, 8)), "blocks", ["blocks.0", "blocks.1"]),
+    (_ListMLP, torch.rand(2, 4), "hidden linear", ["fc.0", "fc.1"]),
+    (_Attention, torch.rand(2, 5, 8), "hidden linear", ["mlp"]),
+], ids=["cnn", "mlp", "wrapped_transformer", "list_mlp", "attention"])
+def test_default_plane_for_any_architecture(make, x, kind, names):
+    """conv+bn first (the Linear layers of a CNN are not added); else the repeated blocks
+    (canonical names through a wrapper); else every Linear but the last, never a list of
+    Linear leaves as blocks nor the out_proj that nn.MultiheadAttention does not call. The
+    default hooks all run in a forward."""
+    model = make()
+    assert default_plane(model) == (kind, names)
+    assert resolve_layers(model, None) == names
+    assert default_layers(model) == (names if kind == "conv+bn" else [])
+    inner = model.module if isinstance(model, _Wrap) else model
+    with ActivationCapture(inner, None) as cap, torch.no_grad():
+        inner(x)
+        assert len(cap.outputs()) == len(names)

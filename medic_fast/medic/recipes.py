@@ -31,7 +31,8 @@ RECIPES = {
 }
 
 WHY = {
-    "layers": "every conv and BatchNorm output, as the paper clones them.",
+    "layers": "every conv and BatchNorm output, as the paper clones them; a model without any "
+              "gets its repeated blocks (transformers) or its hidden Linear layers (MLPs).",
     "tau": "the paper's 5 left 20-70% ASR in ResNet clones after 250-1000 steps; 20 kept ASR "
            "at or below about 10% on Blend and LC with ACC within 3 points at 10% clean data "
            "(RESULTS §10; the paper also tunes tau per task).",
@@ -47,8 +48,10 @@ WHY = {
     "augment": "off: random crops let the teacher's backdoor into the clone on 8x8 digits "
                "(ASR 80% with, 1% without, RESULTS §10); pass augment='crop+flip' for "
                "natural images where it fits.",
-    "kd": "0: matching the teacher's logits transferred the backdoor (ASR 35-73% on Blend, "
-          "RESULTS §10).",
+    "kd": "0: at the paper's tau 5, matching the teacher's logits as well transferred the "
+          "backdoor (ASR 35-73% on Blend, RESULTS §10), though neither term does alone; at tau "
+          "20 it did not on the one seed checked (issue 24), which is not yet enough to turn "
+          "it on.",
     "kd_temperature": "Hinton et al.'s usual 4, used only when kd > 0.",
     "cache": "keep the teacher's signals across epochs when the inputs repeat: the same "
              "result, and a step of about 1.2x a plain one instead of 1.8x (RESULTS §10).",

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from medic_fast._utils import auto_threads, check_device, check_int, check_module, check_number, \
     device_of, digest, dist_shard, eval_mode, forward_macs, preserved_rng, torch_threads, \
     user_stacklevel
-from medic_fast.capture import ActivationCapture, inplace_modified, resolve_layers, \
-    teacher_signals
+from medic_fast.capture import PLANES, ActivationCapture, default_plane, inplace_modified, \
+    resolve_layers, teacher_signals
 from medic_fast.data import as_dataset, check_labels, fingerprint, first_batch, make_loader, \
     set_epoch
 from medic_fast.medic import recipes
@@ -44,10 +44,12 @@ __all__ = ["Result", "sanitize", "finetune", "train_from_scratch"]
 class Result:
     """What a training run returns: the trained ``model`` (a new module, in eval mode), the
     per-epoch ``history`` (losses, learning rate, elapsed seconds, and ``acc``/``asr`` when
-    evaluation data was given) and, for :func:`sanitize`, the teacher's ``stats``."""
+    evaluation data was given) and, for :func:`sanitize`, the teacher's ``stats`` and the
+    ``layers`` cloned (their names, whether given or the default plane)."""
     model: nn.Module
     history: List[Dict[str, float]] = field(default_factory=list)
     stats: Optional[LayerStats] = None
+    layers: List[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +280,8 @@ def sanitize(model: nn.Module, data, *, recipe: str = "default", layers=None, ta
     Every option left as None comes from ``recipe`` (:data:`medic_fast.medic.recipes.RECIPES`,
     the one table the CLI, the demo and the benchmarks read too). The defaults, and why:
 
-    * layers: every conv and BatchNorm output, as the paper clones them;
+    * layers: every conv and BatchNorm output, as the paper clones them; a model without any
+      gets its repeated blocks (transformers) or its hidden Linear layers (MLPs);
     * tau 20 (the paper's is 5), lam 10, criterion ``"abs"``, stats ``"channel"``: at tau 5 a
       ResNet clone kept 20-70% of the backdoor's ASR; tau 20 kept it near or below 10% at
       about 2.5 points of ACC (the paper tunes tau per task too); lam 3 or 30 changed nothing;
@@ -288,7 +291,8 @@ def sanitize(model: nn.Module, data, *, recipe: str = "default", layers=None, ta
     * Adam lr 0.01, weight decay 1e-4, cosine schedule, batch 64: the paper's;
     * augment None: random crops let the teacher's backdoor into the clone on 8x8 digits;
       ``"crop+flip"`` suits natural images;
-    * kd 0 (no logit matching): matching the teacher's logits transferred the backdoor;
+    * kd 0 (no logit matching): at tau 5, matching the teacher's logits as well as its
+      features transferred the backdoor, though neither does alone;
     * cache ``"auto"``: when the inputs are the same every epoch (``(X, y)`` tensors, no
       augmentation), the teacher's signals of the first epoch are kept
       (:class:`~medic_fast.medic.cache.TeacherCache`, up to 8 GiB) and later steps skip the
@@ -303,7 +307,12 @@ def sanitize(model: nn.Module, data, *, recipe: str = "default", layers=None, ta
             are ``(inputs, labels, ...)``, labels in ``[0, classes)`` (the width of the model's
             logits; checked batch by batch in the first epoch).
         recipe: ``"default"`` or ``"paper"``.
-        layers: module names to clone; default the output of every conv and BatchNorm layer.
+        layers: module names to clone (or patterns, ``"blocks"``: see
+            :func:`~medic_fast.capture.find_layers`); default the output of every conv and
+            BatchNorm layer, or for a model without any its repeated blocks, else its hidden
+            Linear layers (:func:`~medic_fast.capture.default_plane`). The layers cloned are in
+            ``Result.layers``; a default choice is also said once at the start (with
+            ``progress``).
         tau, lam, criterion: importance temperature, clone-loss weight, ``"abs"`` | ``"signed"``.
         epochs, min_steps: train ``epochs`` epochs, more if needed to take ``min_steps``
             optimizer steps (``epochs`` given alone means exactly that many).
@@ -402,7 +411,8 @@ def _resolve_backend(backend: str, device: torch.device) -> None:
 def _sanitize(teacher, model, data, r, first, augment, classes, *, seed, device, progress,
               checkpoint, resume, eval_data, trigger, target, factory, backend) -> Result:
     clone = _reinitialised(model, factory, seed).to(device)
-    names = resolve_layers(teacher, r["layers"])
+    kind, names = default_plane(teacher) if r["layers"] is None else \
+        (None, resolve_layers(teacher, r["layers"]))
     stats = r["stats"]
     per = stats.per if isinstance(stats, LayerStats) else stats
     batches = len(make_loader(data, batch_size=r["batch_size"], shard=dist_shard()))
@@ -414,7 +424,11 @@ def _sanitize(teacher, model, data, r, first, augment, classes, *, seed, device,
     inputs = _inputs(checkpoint, model, data)
     state = load_checkpoint(checkpoint, resume, config, inputs)
     check_trigger(trigger, target, classes)
-    if progress and epochs > r["epochs"] and (dist_shard() or (0, 1))[0] == 0:
+    lead = progress and (dist_shard() or (0, 1))[0] == 0
+    if lead and kind is not None:
+        print(f"medic: cloning {PLANES[kind]}, {len(names)} layers: {', '.join(names)}",
+              file=sys.stderr)
+    if lead and epochs > r["epochs"]:
         print(f"medic: {epochs} epochs of {batches} steps: the recipe's {r['epochs']} epochs "
               f"stretched to min_steps={r['min_steps']} optimizer steps, as a small clean set "
               "needs (give epochs alone for exactly that many)", file=sys.stderr)
@@ -450,7 +464,7 @@ def _sanitize(teacher, model, data, r, first, augment, classes, *, seed, device,
                      eval_data=eval_data, trigger=trigger, target=target,
                      extras=cache is not None, refill=None if cache is None else refill,
                      **settings)
-    return Result(clone, history, stats)
+    return Result(clone, history, stats, names)
 
 
 def _saved_stats(state: dict, checkpoint, teacher: nn.Module, names: List[str], per: str,

@@ -16,6 +16,7 @@ from torch import nn
 
 import medic_fast
 from medic_fast.capture import ActivationCapture
+from medic_fast.medic.cache import TeacherCache
 from medic_fast.medic.cloner import Cloner, masked_clone_loss
 from medic_fast.medic.recipes import RECIPES
 from medic_fast.stats import collect_stats
@@ -423,6 +424,41 @@ def test_sanitize_trains_on_the_cloner_loss(device, monkeypatch):
     assert row["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
     assert row["ce"] == pytest.approx(float(cloner.last.ce), rel=1e-5)
     assert row["clone"] == pytest.approx(float(cloner.last.clone), rel=1e-5)
+
+
+def test_kd_term_is_distillation_from_the_teacher_in_eval_mode():
+    """``kd``: ``T^2 KL(softmax(teacher / T) || softmax(student / T))`` at ``kd_temperature``
+    on the step's own inputs, with the teacher's eval-mode logits (its BatchNorm running
+    statistics, although its user left it in train mode), weighted by ``kd`` alone beside CE
+    and the clone loss; the same on a step whose teacher signals come from the cache."""
+    X, y = datasets.load_digits()
+    X, y = X[:32], y[:32]
+    torch.manual_seed(0)
+    teacher = models.DigitsCNN((4, 6, 8))
+    for m in teacher.modules():  # running statistics far from any batch's
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1.0, 1.0)
+            m.running_var.uniform_(0.2, 3.0)
+    reference = copy.deepcopy(teacher).eval()
+    teacher.train().requires_grad_(False)
+    torch.manual_seed(1)
+    student = models.DigitsCNN((4, 6, 8))
+    layers = ["features.0", "features.4"]
+    stats = collect_stats(reference, (X, y), layers)
+    T, kd, lam = 3.0, 0.7, 0.01  # a small lam: the clone loss does not drown the kd term
+    cloner = Cloner(teacher, student, layers, stats, lam=lam, kd=kd, kd_temperature=T,
+                    cache=TeacherCache(len(y)))
+    index = torch.arange(len(y))
+    for _ in range(2):  # the second step's teacher signals are the cache's
+        loss = cloner(X, y, index=index)
+        with torch.no_grad():
+            s, t = student(X), reference(X)  # the student in train mode, as in the step
+        want = T ** 2 * F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1),
+                                 log_target=True, reduction="batchmean")
+        assert float(cloner.last.kd) == pytest.approx(float(want), rel=1e-5)
+        rest = loss.detach() - cloner.last.ce - lam * cloner.last.clone
+        torch.testing.assert_close(rest, kd * want, rtol=1e-4, atol=1e-5)
+    assert cloner.cache.complete and teacher.training
 
 
 @pytest.mark.cuda

@@ -451,6 +451,65 @@ def test_sanitize_refuses_inputs_the_model_cannot_take_and_one_class():
 
 
 # --------------------------------------------------------------------------------------------
+# Default layers for any architecture
+# --------------------------------------------------------------------------------------------
+
+def _default_run(model, data, capsys, **kw):
+    """``sanitize`` with the default layers for 2 epochs, and what it said on stderr."""
+    capsys.readouterr()
+    r = mf.sanitize(model, data, epochs=2, batch_size=32, **kw)
+    return r, capsys.readouterr().err
+
+
+def test_default_layers_of_an_mlp_are_its_hidden_linear_layers(capsys):
+    """An MLP on flattened digits (no conv, no BatchNorm, no block list) is sanitized with the
+    outputs of every Linear but the output layer; the result and the log name them, once."""
+    X, y = digits(200)
+    mlp = mf.train_from_scratch(models.MLP(64, 10, (32, 32, 16)), (X, y), epochs=3,
+                                progress=False).model
+    r, err = _default_run(mlp, (X, y), capsys)
+    hidden = ["layers.0", "layers.2", "layers.4"]
+    assert r.layers == r.stats.layers == hidden
+    assert err.count("medic: cloning") == 1
+    assert "medic: cloning the hidden Linear layers' outputs, all but the last Linear (the model " \
+        "has no conv or BatchNorm layer and no repeated blocks), 3 layers: layers.0, layers.2, " \
+        "layers.4\n" in err
+    assert all(math.isfinite(h["clone"]) and h["clone"] > 0 for h in r.history)
+    assert r.history[-1]["loss"] < r.history[0]["loss"]
+
+
+def test_default_layers_of_a_cnn_without_batchnorm_are_its_convs(capsys):
+    """Convolutions without BatchNorm: the conv plane as before, the hidden Linear layer after
+    them not added."""
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(256, 16), nn.ReLU(), nn.Linear(16, 10))
+    r, err = _default_run(cnn, digits(96), capsys)
+    assert r.layers == r.stats.layers == ["0", "2"]
+    assert "medic: cloning every conv and BatchNorm output, 2 layers: 0, 2\n" in err
+    assert math.isfinite(r.history[-1]["loss"])
+
+
+def test_default_layers_of_a_transformer_are_its_blocks(capsys):
+    """A model of repeated blocks without conv or BatchNorm (a transformer: its Linear layers
+    sit inside the blocks) clones the blocks' outputs, as ``layers="blocks"`` does; named
+    layers are not announced."""
+    from medic_fast.zoo.transformer import TinyTransformer, make_sequences
+
+    torch.manual_seed(0)
+    model = TinyTransformer(d_model=16, depth=3, heads=2, max_len=16)
+    X, y = make_sequences(64, length=16, min_length=4, seed=0)
+    r, err = _default_run(model, (X, y), capsys)
+    assert r.layers == r.stats.layers == ["blocks.0", "blocks.1", "blocks.2"]
+    assert "medic: cloning the repeated blocks' outputs (the model has no conv or BatchNorm " \
+        "layer), 3 layers: blocks.0, blocks.1, blocks.2\n" in err
+    assert math.isfinite(r.history[-1]["loss"])
+    named, err = _default_run(model, (X, y), capsys, layers="blocks")
+    assert named.layers == r.layers and "medic: cloning" not in err
+    assert [h["loss"] for h in named.history] == [h["loss"] for h in r.history]
+
+
+# --------------------------------------------------------------------------------------------
 # DistributedDataParallel, 2 CPU processes with gloo
 # --------------------------------------------------------------------------------------------
 
