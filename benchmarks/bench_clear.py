@@ -12,10 +12,12 @@ against the paper's control, the same fine-tuning on the clean samples alone.
     python benchmarks/bench_clear.py --table a.json b.json   # one table from runs over other seeds
 
 Per task x form x attack: how often the attack takes (the sample goes to the target and test
-accuracy drops by less than 5 points), detection at the right target among those for each method,
-false alarms among the clean models, the attacked sample's ASR (still sent to the target) and test
-accuracy after ``patch`` and after clean-only fine-tuning, and median scan time per model.
-"""
+accuracy drops by less than 5 points), detection at the right pair among those for each method
+(the scan's best pair is the attacked sample's true class and the target: ``ScanReport.detects``;
+a flag at the target from another class is a miss), false alarms among the clean models, the
+attacked sample's ASR (still sent to the target) and test accuracy after ``patch`` and after
+clean-only fine-tuning, and median scan time per model. Each row also keeps each method's
+verdict (flagged, clean or inconclusive)."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +65,7 @@ def _unit(job):
         r = _scans(clean)
         out.append(dict(task=name, form=form, attack="clean", seed=seed, took=False,
                         **{f"{m}_flagged": r[m].flagged for m in METHODS},
+                        **{f"{m}_verdict": r[m].verdict for m in METHODS},
                         **{f"{m}_max": float(r[m].P.nan_to_num(0).max()) for m in METHODS},
                         **{f"{m}_seconds": r[m].timing["total"] for m in METHODS}))
         print(f"{name}/{form}/clean seed {seed}: flagged "
@@ -84,9 +87,9 @@ def _unit(job):
                        acc_patch=t.accuracy(patched), acc_control=t.accuracy(control),
                        asr_patch=t.target_class(patched) == t.target,
                        asr_control=t.target_class(control) == t.target,
-                       **{f"{m}_detected": r[m].flagged and r[m].target == t.target
-                          for m in METHODS},
+                       **{f"{m}_detected": r[m].detects(t.source, t.target) for m in METHODS},
                        **{f"{m}_flagged": r[m].flagged for m in METHODS},
+                       **{f"{m}_verdict": r[m].verdict for m in METHODS},
                        **{f"{m}_pair": float(r[m].P[t.source, t.target]) for m in METHODS},
                        **{f"{m}_seconds": r[m].timing["total"] for m in METHODS})
             out.append(row)

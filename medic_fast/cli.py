@@ -313,11 +313,39 @@ def _check_plot(flag: str, path: Optional[str]) -> Optional[str]:
     return None
 
 
+# scan's exit status per verdict (2 is every command's error status)
+_SCAN_EXIT = {"clean": 0, "flagged": 1, "inconclusive": 3}
+
+
 def _scan_options(args) -> dict:
     """The scan settings given on the command line (the others keep scan()'s defaults)."""
-    given = {"k": args.k, "restarts": args.restarts, "cut": args.cut,
-             "threshold": args.threshold}
+    given = {"k": args.k, "n": args.n, "restarts": args.restarts, "cut": args.cut,
+             "threshold": args.threshold, "max_memory": args.max_memory}
     return {k: v for k, v in given.items() if v is not None}
+
+
+def _check_scan_backend(method: str, backend: str) -> Optional[str]:
+    """Why ``--backend`` cannot run ``--method``'s search, or None; checked before any work."""
+    from medic_fast.clear.detect import HULL_BACKENDS
+
+    if method == "paper":
+        return _check_backend(backend, "pocket_search", "cpu")
+    if backend not in HULL_BACKENDS:
+        return (f"--backend {backend!r}: --method hull runs its search in plain PyTorch and "
+                f"takes --backend {' or '.join(HULL_BACKENDS)}; the extension's kernels "
+                "(cpp, cuda) run --method paper")
+    return None
+
+
+def _gib(text: str) -> int:
+    """An argparse ``type``: a positive number of GiB, as bytes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of GiB > 0, got {text}")
+    return max(1, int(value * 2 ** 30))
 
 
 def _cmd_scan(args) -> int:
@@ -330,14 +358,14 @@ def _cmd_scan(args) -> int:
     why = _check_outputs([("--json", args.json, _NEVER_OVERWRITTEN),
                           ("--plot", args.plot, _NEVER_OVERWRITTEN)])
     why = why or _check_plot("--plot", args.plot)
-    why = why or _check_backend(args.backend, "pocket_search", "cpu")
+    why = why or _check_scan_backend(args.method, args.backend)
     if why:
         return _fail(why)
     report = scan(_load_model(args), _call(args.data, "--data"), method=args.method,
                   seed=args.seed, backend=args.backend, progress=not args.no_progress,
                   threads=args.threads, **_scan_options(args))
     if args.json is None:
-        print(report.to_json() if hasattr(report, "to_json") else report)
+        print(report.to_json())
     notes = sys.stderr if args.json is None else sys.stdout  # stdout: the JSON alone, if there
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None and os.path.lexists(path):
@@ -361,7 +389,9 @@ def _cmd_scan(args) -> int:
             os.remove(args.plot)  # ours, half written
             raise
         print(f"wrote {args.plot}", file=notes)
-    return 0
+    if report.verdict == "inconclusive":
+        print(f"medic-fast: scan inconclusive: {report.advice}", file=sys.stderr)
+    return _SCAN_EXIT[report.verdict]
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,7 +572,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the settings table of the options below that are not given (medic_fast."
                    "medic.recipes): the library's defaults, or the released code's recipe")
     s.add_argument("--layers", type=_names, default=None, help="comma-separated module names to "
-                   "clone; default every conv and BatchNorm output")
+                   "clone; default every conv and BatchNorm output, for a model without any its "
+                   "repeated blocks, else its hidden Linear layers (the choice is printed)")
     s.add_argument("--tau", type=float, default=None, help=f"importance temperature (0: every "
                    f"neuron weighs the same; default {d['tau']})")
     s.add_argument("--lam", type=float, default=None,
@@ -597,17 +628,26 @@ def _parser() -> argparse.ArgumentParser:
                        "(CLEAR): by default within the local hulls of the clean samples at the "
                        "model's input (--method hull), or with the paper's Algorithm 1 in a "
                        "feature space (--method paper; --backend applies to it). Prints the "
-                       "report as JSON, or writes it with --json. Never overwrites a file.",
-                       epilog="The report: flagged and target (the verdict), pairs ([source, "
-                       "target, score] above --threshold, best first), P (the score of every "
-                       "class pair, null where no search ran), n_searches (searches run), "
-                       "n_found (searches that reached a point classified as their target), "
-                       "n_abandoned (paper: searches that left the features' range), "
-                       "pocket_sources and pocket_targets (the source and target class of each "
-                       "pocket kept: paper: every found pocket, as many as n_found; hull: only "
-                       "the points deeper than --threshold, so at most n_found), skipped "
-                       "(classes with too few correctly classified samples to search from), "
-                       "cut, backend, timing (seconds) and settings.")
+                       "report as JSON, or writes it with --json. Never overwrites a file. "
+                       "Exit status: 0 clean, 1 flagged, 3 inconclusive (a class could not be "
+                       "searched, or no search step ran: the report's advice, also printed on "
+                       "stderr, says what to change), 2 an error in the arguments or inputs.",
+                       epilog="The report: verdict (flagged, clean or inconclusive; flagged "
+                       "repeats it as true or false), target (of the best pair, when flagged), "
+                       "advice (one line: what to change, empty when nothing needs to), pairs "
+                       "([source, target, score] above --threshold, best first), P (the score "
+                       "of every class pair, null where no search ran), searched (the source "
+                       "classes searched), skipped and skip_reasons (the classes not searched: "
+                       "their correctly classified samples, and why: none in the data, or fewer "
+                       "than --k), n_searches (searches run), n_steps (steps the batch of "
+                       "searches ran), n_found (searches that reached a point classified as "
+                       "their target), n_abandoned (paper: searches that left the features' "
+                       "range), pocket_sources and pocket_targets (the source and target class "
+                       "of each pocket kept: paper: every found pocket, as many as n_found; "
+                       "hull: only the points deeper than --threshold, so at most n_found), "
+                       "cut, backend, model_dtype and search_dtype (the search runs in float32, "
+                       "or float64 for a float64 model with --method hull), timing (seconds) and "
+                       "settings (with the memory estimate and its limit, in bytes).")
     model_args(c)
     scan_defaults = _scan_defaults()
     c.add_argument("--method", choices=("hull", "paper"), default="hull", help="hull: search "
@@ -617,7 +657,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--threshold", type=float, default=None, help="flag a class pair whose score "
                    "exceeds this; default 10.0 (depth) for hull, 0.5 (rate) for paper")
     c.add_argument("--k", type=_at_least(2), default=None, help="samples per neighbourhood "
-                   "(hull, default 8) or anchors per search (paper, default 5)")
+                   "(hull, default 8) or anchors per search (paper, default 5), at most 1024; a "
+                   "class with fewer correctly classified samples is not searched")
+    c.add_argument("--n", type=_at_least(1), default=None, help="hull: neighbourhoods per class, "
+                   "drawn at random (default: every correctly classified sample's); paper: the "
+                   "most confident samples per class the anchors are drawn from (default 50)")
     c.add_argument("--restarts", type=_at_least(1), default=None, help="paper: searches per "
                    "class pair (P's resolution is 1/restarts); default scan()'s: "
                    f"{scan_defaults.get('restarts', '?')}")
@@ -625,6 +669,9 @@ def _parser() -> argparse.ArgumentParser:
                    "input is the space searched; default: the model's input (hull), or the "
                    "input of the second-to-last Linear layer, or of the last convolution or "
                    "residual block (paper; docs/DESIGN.md section 2)")
+    c.add_argument("--max-memory", type=_gib, default=None, metavar="GIB", help="refuse, before "
+                   "searching, a search estimated to take more memory than this; default half "
+                   "the memory available")
     c.add_argument("--threads", type=_at_least(1), default=None, help="torch threads; default "
                    "every core this process may use")
     c.add_argument("--json", default=None, metavar="OUT.json", help="write the report there "
@@ -633,7 +680,8 @@ def _parser() -> argparse.ArgumentParser:
                    "of every class pair as a heatmap (must not exist; the type from the "
                    "extension: .png, .pdf, .svg...); needs matplotlib: pip install "
                    "\"medic_fast[plot]\"")
-    _backend_arg(c, "pocket_search", "the pocket search")
+    _backend_arg(c, "pocket_search", "the pocket search of --method paper (--method hull runs "
+                 "in plain PyTorch and takes auto or reference)")
     c.set_defaults(func=_cmd_scan)
 
     b = sub.add_parser("bench", formatter_class=fmt, help="time one clone-training step",

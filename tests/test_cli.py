@@ -271,7 +271,7 @@ def test_backend_option_is_passed_through(user_files, monkeypatch, capsys):
 
     def scan(*args, **kwargs):
         seen["scan"] = kwargs["backend"]
-        return "report"
+        return types.SimpleNamespace(verdict="clean", to_json=lambda: "{}")
     monkeypatch.setattr(medic_fast, "sanitize", sanitize)
     monkeypatch.setattr(medic_fast, "scan", scan)
     assert cli.main(["sanitize", *user_files, "--out", "o.pt", "--backend", "reference"]) == 0
@@ -638,25 +638,28 @@ def test_help_shows_one_default_per_option_the_demo_attack_and_the_scan_report(c
 def test_progress_is_a_line_per_epoch_on_a_log_and_says_why_epochs_are_stretched(user_files,
                                                                                  tmp_path):
     """stderr not a terminal (a pipe): one line per epoch, not a bar redrawn at every step;
-    first, once, why the run has more epochs than the recipe's 60."""
+    first, once, the layers cloned by default and why the run has more epochs than the recipe's
+    60."""
     args = [a for a in user_files if a != "--no-progress"]
     r = subprocess.run([sys.executable, "-m", "medic_fast.cli", "sanitize", *args, "--out",
                         "o.pt", "--min-steps", "150", "--batch-size", "32"], cwd=tmp_path,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    first, *lines = r.stderr.splitlines()
+    layers, first, *lines = r.stderr.splitlines()
+    assert layers.startswith("medic: cloning every conv and BatchNorm output, 6 layers: ")
     assert first == ("medic: 75 epochs of 2 steps: the recipe's 60 epochs stretched to "
                      "min_steps=150 optimizer steps, as a small clean set needs (give epochs "
                      "alone for exactly that many)")
     assert [line.split(",")[0] for line in lines] == [f"medic: epoch {e}/75" for e in range(1, 76)]
-    assert "\r" not in r.stderr and len(r.stderr) < 80 * 76
+    assert "\r" not in r.stderr and len(r.stderr) < 80 * 77
     assert "wrote o.pt (epoch 75: loss" in r.stdout
 
 
 def test_demo_progress_is_labelled_by_phase(capsys):
     """Each of the demo's phases shows progress labelled by the phase's name (the trojan's
-    training is not "scratch", plain cloning is not "medic")."""
+    training is not "scratch", plain cloning is not "medic"), the cloning phases first the
+    layers they clone."""
     from medic_fast.zoo.demo import run_demo
 
     run_demo(0, progress=True, settings=dict(trojan_epochs=1, epochs=1, min_steps=0))
@@ -666,6 +669,8 @@ def test_demo_progress_is_labelled_by_phase(capsys):
             phase = phases.setdefault(line.split("] ", 1)[1], [])
         else:
             phase.append(line)
+    cloned = ["cloning every conv and BatchNorm output"]
     assert {name: [line.split(",")[0] for line in lines] for name, lines in phases.items()} == {
-        name: [f"{name}: epoch 1/1"] for name in ("trojaned", "medic", "plain cloning",
-                                                  "finetune", "scratch")}
+        name: [f"{name}: {line}" for line in (cloned if name in ("medic", "plain cloning")
+                                              else []) + ["epoch 1/1"]]
+        for name in ("trojaned", "medic", "plain cloning", "finetune", "scratch")}

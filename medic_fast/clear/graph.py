@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["split", "features", "default_cut", "input_cut", "is_affine", "linear_modules"]
+__all__ = ["split", "features", "default_cut", "input_cut", "is_affine", "linear_modules",
+           "activation_numel"]
 
 
 class _LeafTracer(fx.Tracer):
@@ -210,3 +211,14 @@ def is_affine(head: nn.Module) -> bool:
         if not ok:
             return False
     return True
+
+
+def activation_numel(head: fx.GraphModule, example: torch.Tensor) -> int:
+    """Elements of all the values ``head`` computes on ``example`` (``[N, *features]``), per
+    sample: what a forward keeps for its backward, for an estimate of a search's memory."""
+    from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+    with torch.no_grad():
+        ShapeProp(head).propagate(example)
+    metas = [n.meta.get("tensor_meta") for n in head.graph.nodes if n.op != "output"]
+    return sum(m.shape.numel() for m in metas if isinstance(m, TensorMetadata)) // len(example)

@@ -40,12 +40,12 @@ def hull_search(anchors: Tensor, head: nn.Module, target: Tensor, *, reach: floa
     """``(points [Q, D], margins [Q])``: for every problem, the point of its neighbourhood's hull
     (``anchors`` ``[Q, k, D]``, plus the offset) found after ``steps`` Adam steps at ``lr`` on the
     target's cross-entropy, and the target logit's lead over the best other logit there (> 0:
-    classified as the target). Starts at the centroid with no offset. ``on_step(s)`` is called
-    after each step."""
-    a = anchors.detach().float()
+    classified as the target). Starts at the centroid with no offset. Runs in the anchors' dtype
+    (the head's must match). ``on_step(s)`` is called after each step."""
+    a = anchors.detach()
     radius = reach * (a - a.mean(1, keepdim=True)).norm(dim=2).mean(1, keepdim=True)
-    w = torch.zeros(a.shape[:2], device=a.device, requires_grad=True)
-    off = torch.zeros(a.shape[0], a.shape[2], device=a.device, requires_grad=True)
+    w = a.new_zeros(a.shape[:2]).requires_grad_(True)
+    off = a.new_zeros(a.shape[0], a.shape[2]).requires_grad_(True)
 
     def point() -> Tensor:
         scale = (radius / off.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from medic_fast._utils import check_int, check_module, check_number, device_of, eval_mode
 from medic_fast.capture import ActivationCapture
 from medic_fast.clear import graph
-from medic_fast.clear.detect import ScanReport
+from medic_fast.clear.detect import ScanReport, working_dtype
 from medic_fast.data import labelled_batches, make_loader
 from medic_fast.stats import nonfinite_error
 from medic_fast.train import fit
@@ -37,9 +37,10 @@ def patch(model: nn.Module, report: ScanReport, data, *, epochs: int = 5, lr: fl
     ``epochs``) on at most ``per_class`` clean samples per class of ``data`` plus ``report``'s
     pocket samples with their source labels. Pocket samples live at ``report.cut``; they go
     through the model from there to the last Linear layer. Everything before that layer is
-    frozen, so its inputs are computed once, in eval mode. Clean samples whose inputs to that
-    layer are not finite raise ``ValueError`` naming the first (its index in ``data``) and
-    whether its inputs or a layer's output are not."""
+    frozen, so its inputs are computed once, in eval mode. The layer is fine-tuned in float32
+    (float64 for a float64 model) and written back in the model's dtype. Clean samples whose
+    inputs to that layer are not finite raise ``ValueError`` naming the first (its index in
+    ``data``) and whether its inputs or a layer's output are not."""
     check_module("model", model)
     if not isinstance(report, ScanReport):
         raise TypeError("report must be the ScanReport returned by scan, got "
@@ -83,13 +84,14 @@ def patch(model: nn.Module, report: ScanReport, data, *, epochs: int = 5, lr: fl
     if int(labels.min()) < 0 or int(labels.max()) >= last.out_features:
         raise ValueError(f"data has labels outside [0, {last.out_features}), the model's classes")
 
-    layer = copy.deepcopy(last).requires_grad_(True)
+    dtype = working_dtype(last.weight.dtype)
+    layer = copy.deepcopy(last).to(dtype).requires_grad_(True)
 
     def objective(x, y):
         ce = F.cross_entropy(layer(x), y)
         return ce, {}
 
-    loader = make_loader((z, labels), batch_size=batch_size, shuffle=True, seed=seed)
+    loader = make_loader((z.to(dtype), labels), batch_size=batch_size, shuffle=True, seed=seed)
     with torch.enable_grad():
         fit(layer, loader, objective, epochs=epochs, lr=lr, schedule="constant", seed=seed,
             device=device)

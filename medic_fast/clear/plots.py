@@ -79,7 +79,7 @@ def _class_colours(n: int):
 def _verdict(report: "ScanReport") -> str:
     if report.flagged:
         return f"flagged: target class {report.target}"
-    return "not flagged"
+    return report.verdict
 
 
 def heatmap(report: "ScanReport", path=None, *, ax=None):

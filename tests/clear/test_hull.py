@@ -1,5 +1,7 @@
 """CLEAR's default search (``method="hull"``, medic_fast/clear/hull.py), the paper's Algorithm 1
 step by step, and scan's and patch's bad inputs."""
+import copy
+import json
 import math
 
 import pytest
@@ -86,6 +88,43 @@ def test_hull_scan_finds_the_attacked_pair_and_leaves_the_clean_model_alone(roll
     patched = medic_fast.patch(poisoned.model, r, poisoned.val)
     assert poisoned.target_class(patched) == poisoned.source
     assert poisoned.accuracy(patched) > poisoned.accuracy() - 0.02
+
+
+def test_detection_means_the_right_pair_and_a_wrong_source_is_a_miss(roll_104):
+    poisoned, _ = roll_104
+    r = medic_fast.scan(poisoned.model, poisoned.val)
+    assert r.detects(poisoned.source, poisoned.target)
+    # an attack on a sample of another class sent to the same target: this report flags the
+    # right target (the credit bench_clear gave before), from the wrong source: a miss
+    assert r.flagged and r.target == poisoned.target
+    for wrong in {0, 1, 2, 3} - {poisoned.source}:
+        assert not r.detects(wrong, poisoned.target)
+    assert not r.detects(poisoned.source, (poisoned.target + 1) % 4)
+    clean = medic_fast.scan(roll_104[1].model, roll_104[1].val)
+    assert not clean.detects(poisoned.source, poisoned.target)  # not flagged: never detects
+
+
+@pytest.mark.parametrize("dtype, search", [(torch.float64, "float64"),
+                                           (torch.bfloat16, "float32"),
+                                           (torch.float16, "float32")])
+def test_scan_and_patch_take_a_model_of_any_float_dtype(roll_104, dtype, search):
+    poisoned, _ = roll_104
+    model = copy.deepcopy(poisoned.model).to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    X, y = poisoned.val
+    for data in ((X, y), (X.to(dtype), y)):  # float32 data is cast to the model's dtype
+        r = medic_fast.scan(model, data)
+        assert (r.model_dtype, r.search_dtype) == (str(dtype)[6:], search)
+        assert json.loads(r.to_json())["search_dtype"] == search
+        assert r.detects(poisoned.source, poisoned.target) and r.pairs[0][2] > 2 * r.threshold
+        assert r.pocket_samples.dtype == dtype and len(r.pocket_samples)
+    for k, v in model.state_dict().items():  # the input model: untouched, in its dtype
+        assert torch.equal(v, before[k])
+    paper = medic_fast.scan(model, (X, y), method="paper", restarts=2, steps=20)
+    assert (paper.model_dtype, paper.search_dtype) == (str(dtype)[6:], "float32")
+    patched = medic_fast.patch(model, r, (X.to(dtype), y))
+    assert next(patched.parameters()).dtype == dtype
+    assert poisoned.target_class(patched.float()) == poisoned.source
 
 
 def test_calibrate_sets_the_threshold_above_what_clean_models_give(roll_104):

@@ -60,7 +60,7 @@ def test_heatmap_of_a_real_scan(swiss, tmp_path):
     data = (tmp_path / "p.png").read_bytes()
     assert data.startswith(PNG) and len(data) > 5000
     assert fig.axes[0].get_title().startswith(
-        f"CLEAR scan: {'flagged: target class' if report.flagged else 'not flagged'}")
+        f"CLEAR scan: {'flagged: target class' if report.flagged else report.verdict}")
     report.plot(str(tmp_path / "p.svg"))  # the type from the extension
     assert (tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
     assert ("matplotlib.pyplot" in sys.modules) == pyplot  # no pyplot, no global state
@@ -74,7 +74,7 @@ def test_heatmap_blanks_cells_not_searched_and_outlines_flagged_pairs(swiss, tmp
                       [math.nan, math.nan, math.nan, math.nan],   # class 1 skipped
                       [0.1, 0.0, math.nan, 0.2],
                       [0.0, 0.5, 0.0, math.nan]])
-    report = dataclasses.replace(real, P=P, threshold=0.5, flagged=True, target=1,
+    report = dataclasses.replace(real, P=P, threshold=0.5, verdict="flagged", target=1,
                                  pairs=[(0, 1, 0.9), (0, 3, 0.6)], skipped={1: 2})
     ax = _axes()
     fig = report.plot(None, ax=ax)
@@ -89,8 +89,9 @@ def test_heatmap_blanks_cells_not_searched_and_outlines_flagged_pairs(swiss, tmp
     bar = fig.axes[1]
     assert any(list(line.get_ydata()) == [0.5, 0.5] for line in bar.lines)  # threshold line
     # nothing searched at all (every class skipped): P all NaN still draws
-    empty = dataclasses.replace(real, P=torch.full((3, 3), math.nan), pairs=[], flagged=False,
-                                target=None, skipped={0: 1, 1: 0, 2: 3})
+    empty = dataclasses.replace(real, P=torch.full((3, 3), math.nan), pairs=[],
+                                verdict="inconclusive", target=None, skipped={0: 1, 1: 0, 2: 3})
+    assert empty.plot(None, ax=_axes()).axes[0].get_title().startswith("CLEAR scan: inconclusive")
     empty.plot(tmp_path / "empty.png")
     assert (tmp_path / "empty.png").read_bytes().startswith(PNG)
     with pytest.raises(ValueError, match="path"):
