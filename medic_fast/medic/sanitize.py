@@ -425,11 +425,12 @@ def _sanitize(teacher, model, data, r, first, augment, classes, *, seed, device,
     state = load_checkpoint(checkpoint, resume, config, inputs)
     check_trigger(trigger, target, classes)
     lead = progress and (dist_shard() or (0, 1))[0] == 0
+    label = progress if isinstance(progress, str) else "medic"
     if lead and kind is not None:
-        print(f"medic: cloning {PLANES[kind]}, {len(names)} layers: {', '.join(names)}",
+        print(f"{label}: cloning {PLANES[kind]}, {len(names)} layers: {', '.join(names)}",
               file=sys.stderr)
     if lead and epochs > r["epochs"]:
-        print(f"medic: {epochs} epochs of {batches} steps: the recipe's {r['epochs']} epochs "
+        print(f"{label}: {epochs} epochs of {batches} steps: the recipe's {r['epochs']} epochs "
               f"stretched to min_steps={r['min_steps']} optimizer steps, as a small clean set "
               "needs (give epochs alone for exactly that many)", file=sys.stderr)
     copies = inplace_modified(teacher, names, first)
