@@ -73,15 +73,12 @@ class CloneTrainer(transformers.Trainer):
         self._teacher_out = None
         self._teacher_scale = 1.0
         self._shares: list = []
-        self._num_items = None
         # Fail early on wrong layers or stats, on the model as given.
         self._cloner_for(self.model)
 
     # -- the Cloner, on the model Trainer passes ------------------------------------------------
 
     def _forward(self, model, batch):
-        if self._num_items is not None:
-            batch = {**batch, "num_items_in_batch": self._num_items}
         out = self._user_forward(model, batch)
         if model is self.cloner.teacher:
             self._teacher_out = out
@@ -102,8 +99,12 @@ class CloneTrainer(transformers.Trainer):
             kw = dict(self.cloner_kwargs)
             if self.cloner is not None and "copy" not in kw:
                 kw["copy"] = self.cloner.copy
+            # With num_items_in_batch, the Cloner's own defaults (and its chunked teacher head):
+            # the batch carries num_items_in_batch to both models.
+            hooks = {} if self.model_accepts_loss_kwargs else \
+                dict(forward=self._forward, loss_fn=self._loss)
             self.cloner = Cloner(self.teacher, model, self.layers, self.stats, tau=self.tau,
-                                 lam=self.lam, forward=self._forward, loss_fn=self._loss, **kw)
+                                 lam=self.lam, **hooks, **kw)
         return self.cloner
 
     # -- the accumulated batch ------------------------------------------------------------------
@@ -144,13 +145,12 @@ class CloneTrainer(transformers.Trainer):
         share = self._shares.pop(0) if tokens is not None and model.training and self._shares \
             else 1.0
         cloner.keep_output = return_outputs
-        self._num_items = tokens
         lam = cloner.lam
         cloner.lam = lam * share
         try:
-            loss = cloner(inputs)
+            loss = cloner(inputs if tokens is None else {**inputs, "num_items_in_batch": tokens})
         finally:
-            self._teacher_out = self._num_items = None
+            self._teacher_out = None
             cloner.lam = lam
         if (tokens is not None and self.args.average_tokens_across_devices
                 and self.args.n_gpu <= 1):  # DDP averages what each process's tokens summed

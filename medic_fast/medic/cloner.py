@@ -31,6 +31,7 @@ from medic_fast._utils import check_int, check_module, check_number, device_of, 
 from medic_fast.capture import (ActivationCapture, call_model, check_mask, inplace_modified,
                                 mask_applies, resolve_layers, rows_start_dim, teacher_signals)
 from medic_fast.medic.cache import TeacherCache
+from medic_fast.medic.head import Head, chunked_lm_loss
 from medic_fast.ops.importance_clone import CRITERIA, importance_clone_loss
 from medic_fast.stats import LayerStats
 
@@ -218,10 +219,16 @@ class Cloner:
             checkpointing enabled), so that checkpointing keeps its promise for the whole step.
         keep_output: keep the student's output object in ``last.student_output`` (its logits
             then live through the backward); set per call if need be (``cloner.keep_output``).
+        head_chunk: tokens per chunk of the teacher's head and CE on dict batches
+            (:mod:`medic_fast.medic.head`: a Hugging Face causal LM's gradients without its
+            ``[B, T, V]`` logits, checked on the first batch against the model's own loss, which
+            is used where they differ, with a warning); 0: always the model's own loss. Not
+            with ``kd`` (it needs the teacher's logits) or a custom ``forward``/``loss_fn``.
 
     Memory: the teacher's pass is done before the student's forward and leaves only its
     activations ``t`` and gradients ``g`` at the hooked layers (its output is dropped unless
-    ``kd`` needs its logits); the loss frees ``t`` and ``g`` when the step's forward returns and
+    ``kd`` needs its logits; a causal LM's head runs in chunks of ``head_chunk`` tokens, so its
+    logits never exist whole); the loss frees ``t`` and ``g`` when the step's forward returns and
     keeps only its gradient (``keep_inputs=False``), so a step holds at most ``2x`` the hooked
     activations more than a plain one (measured: ``benchmarks/RESULTS.md`` §12).
 
@@ -240,7 +247,8 @@ class Cloner:
                  loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
                  mask_key: Optional[str] = "attention_mask", kd: float = 0.0,
                  kd_temperature: float = 4.0, cache: Optional[TeacherCache] = None,
-                 checkpoint_teacher: Union[bool, str] = "auto", keep_output: bool = False):
+                 checkpoint_teacher: Union[bool, str] = "auto", keep_output: bool = False,
+                 head_chunk: int = 2048):
         check_module("teacher", teacher)
         check_module("student", student)
         if not isinstance(stats, LayerStats):
@@ -279,6 +287,7 @@ class Cloner:
                              f"{checkpoint_teacher!r}")
         self.checkpoint_teacher = checkpoint_teacher
         self.keep_output = bool(keep_output)
+        self._head = Head(check_int("head_chunk", head_chunk, 0))
         self.copy = None if copy is None else list(copy)
         self.last: Optional[CloneStep] = None
         self._output = self._kd = None
@@ -350,6 +359,13 @@ class Cloner:
             if self.kd:
                 teacher_out = out
             return self.loss_fn(out, batch)
+
+        if not self.kd and self.forward is default_forward and self.loss_fn is default_loss \
+                and index is None:
+            with eval_mode(self.teacher):
+                if self._head.applies(self.teacher, batch):
+                    teacher_ce = functools.partial(chunked_lm_loss, self.teacher, batch,
+                                                   self._head.chunk)
 
         cached = None
         if index is not None:
