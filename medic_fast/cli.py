@@ -321,6 +321,9 @@ def _scan_options(args) -> dict:
     """The scan settings given on the command line (the others keep scan()'s defaults)."""
     given = {"k": args.k, "n": args.n, "restarts": args.restarts, "cut": args.cut,
              "threshold": args.threshold, "max_memory": args.max_memory}
+    if args.shadows:  # the --model factory builds the shadows' architecture
+        given.update(shadows=args.shadows, factory=lambda: _call(args.model, "--model"),
+                     false_alarm=args.false_alarm)
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -334,6 +337,19 @@ def _check_scan_backend(method: str, backend: str) -> Optional[str]:
         return (f"--backend {backend!r}: --method hull runs its search in plain PyTorch and "
                 f"takes --backend {' or '.join(HULL_BACKENDS)}; the extension's kernels "
                 "(cpp, cuda) run --method paper")
+    return None
+
+
+def _check_shadows_args(args) -> Optional[str]:
+    """Why --shadows cannot calibrate this scan, or None; checked before any work."""
+    if not args.shadows:
+        return None
+    if args.method != "hull":
+        return "--shadows calibrates --method hull (a depth); drop --shadows or use --method hull"
+    if args.threshold is not None:
+        return "--shadows sets the threshold: give --threshold or --shadows, not both"
+    if not 0 < args.false_alarm < 1:
+        return f"--false-alarm must be a number in (0, 1), got {args.false_alarm}"
     return None
 
 
@@ -359,6 +375,7 @@ def _cmd_scan(args) -> int:
                           ("--plot", args.plot, _NEVER_OVERWRITTEN)])
     why = why or _check_plot("--plot", args.plot)
     why = why or _check_scan_backend(args.method, args.backend)
+    why = why or _check_shadows_args(args)
     if why:
         return _fail(why)
     report = scan(_load_model(args), _call(args.data, "--data"), method=args.method,
@@ -647,7 +664,10 @@ def _parser() -> argparse.ArgumentParser:
                        "hull: only the points deeper than --threshold, so at most n_found), "
                        "cut, backend, model_dtype and search_dtype (the search runs in float32, "
                        "or float64 for a float64 model with --method hull), timing (seconds) and "
-                       "settings (with the memory estimate and its limit, in bytes).")
+                       "settings (with the memory estimate and its limit, in bytes), "
+                   "threshold_source (fixed, given by --threshold, or shadows) and "
+                   "calibration (with --shadows: each shadow's largest score, what was "
+                   "trained now, seconds, the cache key).")
     model_args(c)
     scan_defaults = _scan_defaults()
     c.add_argument("--method", choices=("hull", "paper"), default="hull", help="hull: search "
@@ -656,6 +676,17 @@ def _parser() -> argparse.ArgumentParser:
                    "paper's Algorithm 1, score = the fraction of restarts that found a pocket")
     c.add_argument("--threshold", type=float, default=None, help="flag a class pair whose score "
                    "exceeds this; default 10.0 (depth) for hull, 0.5 (rate) for paper")
+    c.add_argument("--shadows", type=_at_least(2), default=None, metavar="N", help="set the "
+                   "threshold from N clean shadow models (5 or more advised; --method hull): "
+                   "each a fresh --model trained on a random half of --data and scanned on the "
+                   "other half, the threshold then flags a clean model with probability "
+                   "--false-alarm. Costs N short trainings and half-size scans, cached in "
+                   "$MEDIC_FAST_CACHE/shadows (default ~/.cache/medic_fast/shadows) by "
+                   "architecture, data and --seed, so a second scan on the same data trains "
+                   "nothing; the report says what it cost (calibration, timing.shadows) and "
+                   "threshold_source. Default: the fixed threshold")
+    c.add_argument("--false-alarm", type=float, default=0.05, metavar="RATE", help="with "
+                   "--shadows: the chance that a clean model is flagged (default 0.05)")
     c.add_argument("--k", type=_at_least(2), default=None, help="samples per neighbourhood "
                    "(hull, default 8) or anchors per search (paper, default 5), at most 1024; a "
                    "class with fewer correctly classified samples is not searched")

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from medic_fast.clear import graph, hull
+from medic_fast.clear import graph, hull, shadows as _shadows
 from medic_fast._utils import available_cores, check_int, check_number, device_of, torch_threads
 from medic_fast.capture import ActivationCapture
 from medic_fast.data import labelled_batches, make_loader
@@ -70,7 +70,13 @@ class ScanReport:
     What was searched: the source classes ``searched``; ``skipped`` (class -> its correctly
     classified samples) with ``skip_reasons`` (class -> why, one line); ``n_searches`` problems
     and ``n_steps`` steps (the batch's: hull, every step; paper, up to the last problem's stop).
-    ``model_dtype`` is the model's floating dtype, ``search_dtype`` the one the search ran in."""
+    ``model_dtype`` is the model's floating dtype, ``search_dtype`` the one the search ran in.
+
+    ``threshold_source``: ``"fixed"`` (the method's default), ``"given"`` (the ``threshold``
+    argument) or ``"shadows"`` (set from clean shadow models, :mod:`medic_fast.clear.shadows`),
+    with ``calibration``: the rule, ``false_alarm``, each shadow's largest statistic
+    (``maxima``), what was trained and scanned now and in how many seconds, and the cache key
+    (empty unless ``"shadows"``)."""
 
     P: Tensor
     threshold: float
@@ -92,8 +98,10 @@ class ScanReport:
     model_dtype: str
     search_dtype: str
     advice: str
-    timing: Dict[str, float]                     # seconds: features, search, total
+    timing: Dict[str, float]                     # seconds: shadows, features, search, total
     settings: Dict[str, float] = field(default_factory=dict)
+    threshold_source: str = "fixed"              # "fixed", "given" or "shadows"
+    calibration: dict = field(default_factory=dict)
 
     @property
     def flagged(self) -> bool:
@@ -111,6 +119,7 @@ class ScanReport:
         return {
             "verdict": self.verdict, "flagged": self.flagged, "target": self.target,
             "advice": self.advice, "threshold": self.threshold,
+            "threshold_source": self.threshold_source, "calibration": self.calibration,
             "pairs": [list(p) for p in self.pairs],
             "P": [[None if math.isnan(v) else v for v in row] for row in self.P.tolist()],
             "pocket_sources": self.pocket_sources.tolist(),
@@ -140,7 +149,8 @@ class ScanReport:
 
     def __repr__(self) -> str:
         verdict = f"flagged, target {self.target}" if self.flagged else self.verdict
-        return (f"ScanReport({verdict}; {len(self.pairs)} pairs above {self.threshold}; "
+        return (f"ScanReport({verdict}; {len(self.pairs)} pairs above {self.threshold:.4g} "
+                f"({self.threshold_source}); "
                 f"{self.n_found}/{self.n_searches} searches found pockets; searched classes "
                 f"{self.searched}, skipped {sorted(self.skipped)}; cut={self.cut!r}; "
                 f"{self.timing['total']:.2f} s)")
@@ -201,7 +211,8 @@ def scan(model: nn.Module, data, *, method: str = "hull", cut: Optional[str] = N
          margin: float = DEFAULTS["margin"], reach: float = HULL["reach"],
          threshold: Optional[float] = None, seed: int = 0, backend: str = "auto",
          max_memory: Optional[int] = None, progress: bool = False,
-         threads: Optional[int] = None) -> ScanReport:
+         threads: Optional[int] = None, shadows: int = 0, factory=None,
+         false_alarm: float = 0.05, shadow_train: Optional[dict] = None) -> ScanReport:
     """Scan ``model`` for a sample-targeted backdoor with CLEAR, using clean ``data`` (a
     ``Dataset``, a ``DataLoader`` or an ``(X, y)`` pair). The model is not modified.
 
@@ -235,6 +246,16 @@ def scan(model: nn.Module, data, *, method: str = "hull", cut: Optional[str] = N
     progress: show on stderr the feature pass (a bar over batches), then the search.
     threads: torch threads while it runs (restored after); default every core this process may
     use (the batched search splits its problems across them).
+    shadows, factory, false_alarm, shadow_train: calibrate the threshold from ``shadows`` (>= 2;
+    5 or more for a useful bound) clean models of the architecture, ``factory()`` returning a
+    fresh untrained one, the way to set it when you can train (method "hull";
+    :mod:`medic_fast.clear.shadows`): each is trained (``shadow_train``: keys of
+    :data:`~medic_fast.clear.shadows.TRAIN`) on a random half of ``data`` and scanned on the
+    other half with this scan's settings, and the threshold is set so that a clean model is
+    flagged with probability ``false_alarm``. Shadows and their scans are cached on disk. Cost:
+    ``shadows`` trainings and half-size scans, once per architecture, data and seed
+    (``report.calibration``, ``report.timing["shadows"]``). Without shadows the threshold is
+    the fixed default, or ``threshold`` (``report.threshold_source``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -242,32 +263,70 @@ def scan(model: nn.Module, data, *, method: str = "hull", cut: Optional[str] = N
     k = (HULL["k"] if hull_ else 5) if k is None else k
     n = (None if hull_ else 50) if n is None else n
     steps = (HULL["steps"] if hull_ else DEFAULTS["steps"]) if steps is None else steps
+    source = "fixed" if threshold is None else "given"
     threshold = (HULL["threshold"] if hull_ else 0.5) if threshold is None else threshold
+    calibration = None
+    if shadows != 0 or factory is not None:
+        _check_shadows(method, shadows, factory, false_alarm, source)
+        calibration = dict(factory=factory, shadows=shadows, false_alarm=false_alarm,
+                           shadow_train=shadow_train)
     with torch_threads(threads or available_cores()):
         return _scan(model, data, method=method, cut=cut, n=n, k=k, restarts=restarts,
                      alpha=alpha, steps=steps, lr_scale=lr_scale, margin=margin, reach=reach,
                      threshold=threshold, seed=seed, backend=backend, max_memory=max_memory,
-                     progress=progress)
+                     progress=progress, threshold_source=source, calibration=calibration)
 
 
-def calibrate(models, data, *, method: str = "hull", factor: float = 1.1, **kwargs) -> float:
+def _check_shadows(method: str, shadows, factory, false_alarm, source: str) -> None:
+    """Refuse, before any work, shadow settings that cannot calibrate this scan."""
+    if method != "hull":
+        raise ValueError(f"shadows calibrate method='hull' (a depth); got method={method!r}")
+    if isinstance(shadows, bool) or not isinstance(shadows, int) \
+            or shadows < _shadows.MIN_SHADOWS:
+        raise ValueError(f"shadows must be an int >= {_shadows.MIN_SHADOWS} (5 or more for a "
+                         f"useful bound) when factory is given, got {shadows!r}")
+    if factory is None:
+        raise ValueError(f"shadows={shadows} needs factory: a callable returning a fresh "
+                         "untrained model of the architecture scanned")
+    if source == "given":
+        raise ValueError("give threshold or shadows, not both: shadows set the threshold")
+    if isinstance(false_alarm, bool) or not isinstance(false_alarm, (int, float)) \
+            or not 0 < false_alarm < 1:
+        raise ValueError(f"false_alarm must be a number in (0, 1), got {false_alarm!r}")
+
+
+def calibrate(models, data, *, method: str = "hull", factor: float = 1.1,
+              false_alarm: Optional[float] = None, **kwargs) -> float:
     """A ``threshold`` for :func:`scan` from clean ``models`` of the task (trained as the model to
-    scan was, on clean data): ``factor`` times the largest pair statistic any of them gives on
-    ``data`` (each model's own clean data: a list, one per model, or one for all), the way the
-    default was set. ``kwargs`` go to :func:`scan`. For ``method="paper"`` a ValueError says so
-    when clean models reach P = 1 / factor or more: no threshold below 1 then separates them."""
+    scan was, on clean data), from the largest pair statistic each gives on ``data`` (each
+    model's own clean data: a list, one per model, or one for all): ``factor`` times the largest
+    of them, the way the fixed default was set; or, with ``false_alarm`` (method "hull", 2
+    models or more), the threshold a clean model's exceeds with that probability
+    (:func:`medic_fast.clear.shadows.threshold_for`, the rule of ``scan(shadows=...)``).
+    ``kwargs`` go to :func:`scan`. For ``method="paper"`` a ValueError says so when clean models
+    reach P = 1 / factor or more: no threshold below 1 then separates them."""
     models = list(models)
     if not models:
         raise ValueError("models must hold at least one clean model")
     check_number("factor", factor, positive=True)
     datas = data if isinstance(data, list) and len(data) == len(models) else [data] * len(models)
     kwargs.pop("threshold", None)
-    top = max(float(scan(m, d, method=method, **kwargs).P.nan_to_num(0).max())
-              for m, d in zip(models, datas))
+    maxima = [_largest(scan(m, d, method=method, **kwargs).P) for m, d in zip(models, datas)]
+    if false_alarm is not None:
+        if method != "hull":
+            raise ValueError(f"false_alarm calibrates method='hull' (a depth); got "
+                             f"method={method!r}: use factor")
+        return _shadows.threshold_for(maxima, false_alarm)
+    top = max(maxima)
     if method == "paper" and top * factor >= 1:
         raise ValueError(f"clean models reach P = {top:g} with method='paper': no threshold "
                          f"below 1 is {factor}x above it")
     return top * factor
+
+
+def _largest(P: Tensor) -> float:
+    """A scan's statistic as thresholds see it: its largest pair's (0 where none was searched)."""
+    return float(P.nan_to_num(0).max())
 
 
 def _bounded(name: str, v) -> int:
@@ -398,8 +457,9 @@ def _advice(skipped: Dict[int, Tuple[int, int]], k: int, searches: int, steps: i
 
 
 def _scan(model, data, *, method, cut, n, k, restarts, alpha, steps, lr_scale, margin, reach,
-          threshold, seed, backend, max_memory, progress) -> ScanReport:
-    t0 = time.perf_counter()
+          threshold, seed, backend, max_memory, progress, threshold_source="fixed",
+          calibration=None) -> ScanReport:
+    t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     n = None if n is None else _bounded("n", n)
@@ -418,6 +478,14 @@ def _scan(model, data, *, method, cut, n, k, restarts, alpha, steps, lr_scale, m
     check_number("lr_scale", lr_scale, positive=True)
     check_number("reach", reach)
     _check_backend(method, backend, device_of(model))
+    if calibration is not None:
+        search = dict(method=method, cut=cut, n=n, k=k, restarts=restarts, alpha=alpha,
+                      steps=steps, lr_scale=lr_scale, margin=margin, reach=reach, seed=seed,
+                      backend=backend, max_memory=max_memory)
+        threshold, calibration = _calibrate_shadows(model, data, search, threshold, progress,
+                                                    **calibration)
+        threshold_source = "shadows"
+    t0 = time.perf_counter()
     m = copy.deepcopy(model).eval().requires_grad_(False)
     if cut is None:
         cut = graph.default_cut(m) if method == "paper" else graph.input_cut(m)
@@ -485,8 +553,35 @@ def _scan(model, data, *, method, cut, n, k, restarts, alpha, steps, lr_scale, m
         model_dtype=str(model_dtype).removeprefix("torch."),
         search_dtype=str(search_dtype).removeprefix("torch."),
         advice=_advice(skipped, k, found["searches"], steps),
-        timing=dict(features=t_feat - t0, search=t_end - t_feat, total=t_end - t0),
-        settings=dict(method=method, **settings, max_memory=limit, memory_estimate=need))
+        timing=dict(shadows=t0 - t_start, features=t_feat - t0, search=t_end - t_feat,
+                    total=t_end - t_start),
+        settings=dict(method=method, **settings, max_memory=limit, memory_estimate=need),
+        threshold_source=threshold_source, calibration=calibration or {})
+
+
+def _calibrate_shadows(model, data, search: dict, threshold: float, progress: bool, *,
+                       factory, shadows: int, false_alarm: float, shadow_train
+                       ) -> Tuple[float, dict]:
+    """``(threshold, calibration)`` from ``shadows`` clean models of ``factory()``'s
+    architecture (:func:`medic_fast.clear.shadows.shadow_maxima`), each scanned with the
+    ``search`` settings of the model's scan, at ``false_alarm``
+    (:func:`~medic_fast.clear.shadows.threshold_for`)."""
+    from medic_fast import __version__
+
+    def scan_one(shadow, held_out):
+        return _scan(shadow, held_out, threshold=threshold, progress=False, **search).P
+
+    P, cost = _shadows.shadow_maxima(
+        factory, data, shadows=shadows, seed=search["seed"], shadow_train=shadow_train,
+        settings={**search, "version": __version__}, scan_one=scan_one,
+        device=device_of(model), progress=progress)
+    maxima = [_largest(p) for p in P]
+    # a source class the held-out half could not search leaves its row NaN: a low maximum
+    incomplete = sum(bool(p.isnan().all(1).any()) for p in P)
+    value = _shadows.threshold_for(maxima, false_alarm)
+    return value, dict(rule="log-normal upper prediction bound of the shadows' largest depths",
+                       false_alarm=false_alarm, shadows=shadows, maxima=maxima,
+                       incomplete=incomplete, **cost, cache_dir=str(_shadows.cache_dir()))
 
 
 def _nothing_found(phi, backend, anchors) -> dict:
