@@ -222,13 +222,14 @@ class Cloner:
         head_chunk: tokens per chunk of the teacher's head and CE on dict batches
             (:mod:`medic_fast.medic.head`: a Hugging Face causal LM's gradients without its
             ``[B, T, V]`` logits, checked on the first batch against the model's own loss, which
-            is used where they differ, with a warning); 0: always the model's own loss. Not
-            with ``kd`` (it needs the teacher's logits) or a custom ``forward``/``loss_fn``.
+            is used where they differ, with a warning); ``None``: a chunk's logits about the
+            size of the hidden states; 0: always the model's own loss. Not with ``kd`` (it
+            needs the teacher's logits) or a custom ``forward``/``loss_fn``.
 
     Memory: the teacher's pass is done before the student's forward and leaves only its
     activations ``t`` and gradients ``g`` at the hooked layers (its output is dropped unless
-    ``kd`` needs its logits; a causal LM's head runs in chunks of ``head_chunk`` tokens, so its
-    logits never exist whole); the loss frees ``t`` and ``g`` when the step's forward returns and
+    ``kd`` needs its logits; a causal LM's head runs in chunks of tokens, so its logits never
+    exist whole); the loss frees ``t`` and ``g`` when the step's forward returns and
     keeps only its gradient (``keep_inputs=False``), so a step holds at most ``2x`` the hooked
     activations more than a plain one (measured: ``benchmarks/RESULTS.md`` §12).
 
@@ -248,7 +249,7 @@ class Cloner:
                  mask_key: Optional[str] = "attention_mask", kd: float = 0.0,
                  kd_temperature: float = 4.0, cache: Optional[TeacherCache] = None,
                  checkpoint_teacher: Union[bool, str] = "auto", keep_output: bool = False,
-                 head_chunk: int = 2048):
+                 head_chunk: Optional[int] = None):
         check_module("teacher", teacher)
         check_module("student", student)
         if not isinstance(stats, LayerStats):
@@ -287,7 +288,7 @@ class Cloner:
                              f"{checkpoint_teacher!r}")
         self.checkpoint_teacher = checkpoint_teacher
         self.keep_output = bool(keep_output)
-        self._head = Head(check_int("head_chunk", head_chunk, 0))
+        self._head = Head(None if head_chunk is None else check_int("head_chunk", head_chunk, 0))
         self.copy = None if copy is None else list(copy)
         self.last: Optional[CloneStep] = None
         self._output = self._kd = None

@@ -5,7 +5,8 @@ computes them through logits ``[B, T, V]``, their log-softmax and their gradient
 as the vocabulary makes it. :func:`chunked_lm_loss` runs the model's base (the blocks and the
 final norm), then the head and the cross-entropy a chunk of tokens at a time: each chunk's
 ``d CE / d hidden`` is computed in the forward (as Liger-Kernel's fused linear cross-entropy
-does) and the chunk's logits are freed, so the head holds one chunk's logits at a time. The
+does) and the chunk's logits are freed, so the head holds one chunk's logits at a time, by
+default about the size of the hidden states. The
 head's weight gets no gradient (the teacher is frozen and only its activations' gradients are
 asked for).
 
@@ -16,6 +17,7 @@ and falls back to it otherwise (a logit soft-cap or scale, another loss), saying
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Mapping, Optional
 
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 
 from medic_fast._utils import user_stacklevel
 
-__all__ = ["chunked_lm_loss", "Head"]
+__all__ = ["chunked_lm_loss", "chunk_rows", "Head"]
 
 IGNORE = -100
 
@@ -65,10 +67,18 @@ class _LinearCE(torch.autograd.Function):
         return grad * g.to(grad.dtype), None, None, None, None, None
 
 
-def chunked_lm_loss(model: nn.Module, batch: Mapping, chunk: int = 2048) -> Tensor:
+def chunk_rows(tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk so that a chunk's logits are about as large as the hidden states
+    ``[tokens, hidden]`` (Liger-Kernel's choice): ``tokens / ceil(vocab / hidden)``, rounded up
+    to a power of two."""
+    return 1 << max(0, math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / hidden))))))
+
+
+def chunked_lm_loss(model: nn.Module, batch: Mapping, chunk: Optional[int] = None) -> Tensor:
     """The causal-LM loss of a Hugging Face ``model`` on a dict ``batch`` (with ``labels``, and
     optionally ``num_items_in_batch``), computed as ``model(**batch).loss`` is, from its base
-    model's last hidden state and its output embeddings, ``chunk`` tokens at a time."""
+    model's last hidden state and its output embeddings, ``chunk`` tokens at a time (``None``:
+    :func:`chunk_rows`)."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_items_in_batch")}
     out = model.base_model(**inputs)
@@ -77,8 +87,10 @@ def chunked_lm_loss(model: nn.Module, batch: Mapping, chunk: int = 2048) -> Tens
     shifted = F.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1).to(hidden.device)
     n = batch.get("num_items_in_batch")
     n = (shifted != IGNORE).sum() if n is None else torch.as_tensor(n, device=hidden.device)
-    return _LinearCE.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias,
-                           shifted, n, chunk)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if chunk is None:
+        chunk = chunk_rows(*flat.shape, head.weight.shape[0])
+    return _LinearCE.apply(flat, head.weight, head.bias, shifted, n, chunk)
 
 
 def _plain_head(model: nn.Module) -> Optional[str]:
@@ -100,9 +112,9 @@ class Head:
     against ``model(**batch).loss`` (rtol 1e-3); else it keeps the model's own loss, and says
     why once."""
 
-    def __init__(self, chunk: int):
+    def __init__(self, chunk: Optional[int]):
         self.chunk = chunk
-        self.ok: Optional[bool] = None if chunk > 0 else False
+        self.ok: Optional[bool] = None if chunk != 0 else False
 
     def applies(self, model: nn.Module, batch) -> bool:
         """Whether :func:`chunked_lm_loss` computes ``model``'s CE (decided on the first call,

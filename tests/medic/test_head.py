@@ -58,7 +58,7 @@ def test_chunked_loss_and_gradients_match_float64_reference(arch, items):
     ref_acts, ref_grads = _signals(model, lambda: _reference(model, batch))
     ref = _reference(model, batch)
     assert any(g.abs().max() > 1e-6 for g in ref_grads)
-    for chunk in (1, 5, B * T, 4096):
+    for chunk in (None, 1, 5, B * T, 4096):
         acts, grads = _signals(model, lambda: chunked_lm_loss(model, batch, chunk))
         torch.testing.assert_close(chunked_lm_loss(model, batch, chunk), ref, rtol=1e-12,
                                    atol=0)
