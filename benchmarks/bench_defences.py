@@ -65,10 +65,14 @@ PRUNE_LAYER = {"cnn": None, "resnet": "layer3.0.conv2"}
 
 def _options(text: str) -> dict:
     """``"tau=20;min_steps=500;stats=neuron"`` -> ``{"tau": 20.0, "min_steps": 500,
-    "stats": "neuron"}``."""
+    "stats": "neuron"}``; a value with ``|`` is a list of strings
+    (``layers=features.3|features.4``)."""
     out = {}
     for item in filter(None, text.split(";")):
         key, _, value = item.partition("=")
+        if "|" in value:
+            out[key] = value.split("|")
+            continue
         try:
             out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
         except ValueError:
@@ -219,7 +223,8 @@ def main(argv=None) -> None:
                    "training split")
     p.add_argument("--seeds", default="0,1,2", help="evaluation seeds (tuning used 100-102)")
     p.add_argument("--defences", default=",".join(DEFENCES), help=f"of {DEFENCES}, or variants "
-                   "for tuning with options in brackets: medic[tau=20;min_steps=500]")
+                   "for tuning with options in brackets: medic[tau=20;min_steps=500], lists "
+                   "with |: medic[layers=features.3|features.4]")
     p.add_argument("--workers", type=int, default=2, help="parallel jobs (one thread each)")
     p.add_argument("--trojan-epochs", type=int, default=TROJAN_EPOCHS)
     p.add_argument("--plot", default=None, metavar="PNG", help="ACC and ASR against the clean "
