@@ -553,8 +553,8 @@ def _scan(model, data, *, method, cut, n, k, restarts, alpha, steps, lr_scale, m
         model_dtype=str(model_dtype).removeprefix("torch."),
         search_dtype=str(search_dtype).removeprefix("torch."),
         advice=_advice(skipped, k, found["searches"], steps),
-        timing=dict(shadows=t0 - t_start, features=t_feat - t0, search=t_end - t_feat,
-                    total=t_end - t_start),
+        timing=dict(features=t_feat - t0, search=t_end - t_feat, total=t_end - t_start,
+                    **({"shadows": t0 - t_start} if calibration else {})),
         settings=dict(method=method, **settings, max_memory=limit, memory_estimate=need),
         threshold_source=threshold_source, calibration=calibration or {})
 
