@@ -2,9 +2,10 @@
 roll (benchmarks/RESULTS.md §4, "Shadow calibration"): per seed, a clean model and a label-flip
 model (random sample and target, :func:`~medic_fast.zoo.attacks.draw_victim`), both scanned on
 the seed's clean validation split with ``shadows`` shadows (trained afresh: never the models
-scanned) and with the fixed threshold. One JSON line per model, then the totals.
+scanned) and with the fixed threshold. One JSON line per model, then the totals; ``--json`` /
+``--csv`` write the per-model rows.
 
-    python benchmarks/bench_shadows.py --seeds 300 301 --form end2end --shadows 5
+    python benchmarks/bench_shadows.py --seeds 300 301 --form end2end --shadows 5 [--json PATH]
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import json
 import torch
 
 import medic_fast
+from _harness import add_output_options, write_rows
 
 
 def main(argv=None) -> None:
@@ -25,8 +27,10 @@ def main(argv=None) -> None:
     p.add_argument("--shadows", type=int, default=5)
     p.add_argument("--false-alarm", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=1)
+    add_output_options(p)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    rows = []
     totals = dict(clean=0, shadow_alarms=0, fixed_alarms=0, took=0, shadow_detected=0,
                   fixed_detected=0)
     for seed in a.seeds:
@@ -51,6 +55,8 @@ def main(argv=None) -> None:
                 totals["shadow_alarms"] += cal.flagged
                 totals["fixed_alarms"] += fixed.flagged
             print(json.dumps(row), flush=True)
+            rows.append({**row, "maxima": " ".join(f"{m:.4g}" for m in row["maxima"])})
+    write_rows(rows, "bench_shadows", json_path=a.json, csv_path=a.csv)
     print(json.dumps(dict(totals, promised=a.false_alarm, form=a.form, shadows=a.shadows)))
 
 
