@@ -129,6 +129,18 @@ def check_module(name: str, m) -> nn.Module:
     return m
 
 
+def build_model(name: str, factory) -> nn.Module:
+    """``factory()`` if ``factory`` is callable and returns an ``nn.Module``, else a TypeError
+    naming ``name``."""
+    if not callable(factory):
+        raise TypeError(f"{name} must be a callable returning a fresh untrained model, got "
+                        f"{type(factory).__name__}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must return an nn.Module, got {type(model).__name__}")
+    return model
+
+
 def check_device(name: str, device) -> torch.device:
     """``device`` as a ``torch.device`` if this process can use it, else a ValueError naming
     ``name`` (a CUDA device on a build or machine without one, say, instead of torch's

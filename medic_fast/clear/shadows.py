@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
-from medic_fast._utils import check_int, check_number, digest, save_atomic
+from medic_fast._utils import build_model, check_int, check_number, digest, save_atomic
 from medic_fast.data import as_dataset, fingerprint, make_loader
 from medic_fast.train import fit
 
@@ -141,12 +141,7 @@ def shadow_maxima(factory: Callable[[], nn.Module], data, *, shadows: int, seed:
     ``train_seconds`` and ``scan_seconds`` (spent now), ``cache`` (the key, or None: data that
     cannot be fingerprinted is not cached). ``progress``: a line per shadow on stderr."""
     check_int("shadows", shadows, MIN_SHADOWS)
-    if not callable(factory):
-        raise TypeError(f"factory must be a callable returning a fresh untrained model of the "
-                        f"architecture scanned, got {type(factory).__name__}")
-    probe = factory()
-    if not isinstance(probe, nn.Module):
-        raise TypeError(f"factory must return an nn.Module, got {type(probe).__name__}")
+    probe = build_model("factory", factory)
     train = _recipe(shadow_train)
     key = shadow_key(probe, data, seed, train)
     scan_key = digest(sorted((k, str(v)) for k, v in settings.items()))

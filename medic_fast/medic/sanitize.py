@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from medic_fast._utils import auto_threads, check_device, check_int, check_module, check_number, \
-    device_of, digest, dist_shard, eval_mode, forward_macs, preserved_rng, torch_threads, \
-    user_stacklevel
+from medic_fast._utils import auto_threads, build_model, check_device, check_int, check_module, \
+    check_number, device_of, digest, dist_shard, eval_mode, forward_macs, preserved_rng, \
+    torch_threads, user_stacklevel
 from medic_fast.capture import PLANES, ActivationCapture, default_plane, inplace_modified, \
     resolve_layers, teacher_signals
 from medic_fast.data import as_dataset, check_labels, fingerprint, first_batch, make_loader, \
@@ -64,13 +64,7 @@ def _reinitialised(model: nn.Module, factory: Optional[Callable[[], nn.Module]],
     Every parameter of the copy requires grad, also where ``model``'s were frozen."""
     with seeded(seed):
         if factory is not None:
-            if not callable(factory):
-                raise TypeError(f"factory must be a callable returning a model, got "
-                                f"{type(factory).__name__}")
-            fresh = factory()
-            if not isinstance(fresh, nn.Module):
-                raise TypeError(f"factory() must return an nn.Module, got {type(fresh).__name__}")
-            return fresh
+            return build_model("factory", factory)
         fresh = copy.deepcopy(model)
         for name, m in fresh.named_modules():
             owns = any(True for _ in m.parameters(recurse=False)) or \
