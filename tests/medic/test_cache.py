@@ -13,6 +13,19 @@ from shared import Pairs
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def made(monkeypatch):
+    """The TeacherCaches sanitize makes, in order (sanitize's own class, recorded)."""
+    made, real = [], mf.medic.sanitize.__globals__["TeacherCache"]
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setitem(mf.medic.sanitize.__globals__, "TeacherCache", spy)
+    return made
+
+
 def _signals(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return ([torch.randn(n, 3, 4, 4, generator=g), torch.randn(n, 5, generator=g)],
@@ -98,16 +111,8 @@ def test_cloner_with_cache_equals_recomputing(setup):
                   loss_fn=lambda out, batch: out.sum())
 
 
-def test_sanitize_caches_only_where_inputs_repeat(setup, monkeypatch):
+def test_sanitize_caches_only_where_inputs_repeat(setup, made):
     teacher, X, y, _, _ = setup
-    made = []
-    real = mf.medic.sanitize.__globals__["TeacherCache"]
-
-    def spy(*args, **kwargs):
-        made.append(real(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setitem(mf.medic.sanitize.__globals__, "TeacherCache", spy)
     kw = dict(epochs=4, batch_size=8, progress=False)
     off = mf.sanitize(teacher, (X, y), cache=False, **kw)
     assert made == []
@@ -149,21 +154,12 @@ class _StopAt:
         return x.flip(-1)
 
 
-def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one_with_the_cache(tmp_path,
-                                                                              monkeypatch):
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one_with_the_cache(tmp_path, made):
     """cache="auto" (the default): a run interrupted after epoch 3 and resumed gives the
     uninterrupted run's clone bit for bit, from the same cache. The uninterrupted run fills the
     cache in its first epoch, in batches of 48, 48 and 4 samples; a sample's CE gradient
     recomputed in a batch of another size differs in its last bits, so the resumed run refills
     the cache from the first epoch's batches rather than from its own."""
-    made = []
-    real = mf.medic.sanitize.__globals__["TeacherCache"]
-
-    def spy(*args, **kwargs):
-        made.append(real(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setitem(mf.medic.sanitize.__globals__, "TeacherCache", spy)
     model = models.DigitsCNN((4, 6, 8))
     X, y = torch.rand(100, 1, 8, 8), torch.randint(10, (100,))
     path = tmp_path / "s.pt"
