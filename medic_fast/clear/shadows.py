@@ -33,7 +33,7 @@ from torch.utils.data import Subset
 
 from medic_fast._utils import build_model, check_int, check_number, digest, save_atomic
 from medic_fast.data import as_dataset, fingerprint, make_loader
-from medic_fast.train import fit
+from medic_fast.train import fit, seeded
 
 __all__ = ["TRAIN", "MIN_SHADOWS", "cache_dir", "shadow_key", "threshold_for", "shadow_maxima"]
 
@@ -106,8 +106,7 @@ def _halves(data, seed: int, index: int):
 def _train(factory: Callable[[], nn.Module], data, seed: int, train: Dict[str, float],
            device) -> nn.Module:
     """A fresh ``factory()`` model trained on ``data`` with the ``train`` recipe, seeded."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = factory().to(device)
     fit(model, make_loader(data, batch_size=int(train["batch_size"]), shuffle=True, seed=seed),
         lambda x, y: (F.cross_entropy(model(x), y), {}), epochs=int(train["epochs"]),
