@@ -363,10 +363,9 @@ class Cloner:
 
         if not self.kd and self.forward is default_forward and self.loss_fn is default_loss \
                 and index is None:
-            with eval_mode(self.teacher):
-                if self._head.applies(self.teacher, batch):
-                    teacher_ce = functools.partial(chunked_lm_loss, self.teacher, batch,
-                                                   self._head.chunk)
+            if self._head.applies(self.teacher, batch):
+                teacher_ce = functools.partial(chunked_lm_loss, self.teacher, batch,
+                                               self._head.chunk)
 
         cached = None
         if index is not None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medic_fast._utils import user_stacklevel
+from medic_fast._utils import eval_mode, user_stacklevel
 
 __all__ = ["chunked_lm_loss", "chunk_rows", "Head"]
 
@@ -118,7 +118,8 @@ class Head:
 
     def applies(self, model: nn.Module, batch) -> bool:
         """Whether :func:`chunked_lm_loss` computes ``model``'s CE (decided on the first call,
-        which runs the model twice without gradients: call it outside any capture)."""
+        which runs the model twice in eval mode without gradients: call it outside any
+        capture)."""
         if self.ok is None:
             self.ok = self._check(model, batch)
         return self.ok
@@ -128,7 +129,7 @@ class Head:
             return False  # (inputs, labels) classifiers: [B, C] logits, nothing to chunk
         why = _plain_head(model)
         if why is None:
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(model):
                 own = model(**batch).loss
                 ours = chunked_lm_loss(model, batch, self.chunk)
             if own is None:
